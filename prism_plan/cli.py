@@ -1,0 +1,167 @@
+"""The `prism-plan` command line: parses arguments, calls the library, prints. Exit code 2 on user errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from prism_plan import __version__
+from prism_plan.errors import PrismError
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=1, default=float))
+
+
+def _model(spec: str | None, tables_meta: dict | None = None):
+    from prism_plan.placement.model import PRESETS, resolve_model
+
+    if spec is None:
+        name = (tables_meta or {}).get("model")
+        if name not in PRESETS:
+            raise PrismError("pass --model (a preset, a config.json or a model folder); the input does not "
+                             "name a preset model")
+        spec = name
+    return resolve_model(spec)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="prism-plan")
+def cli() -> None:
+    """Plan where the experts of a Mixture-of-Experts model live across GPU servers."""
+
+
+@cli.group()
+def profile() -> None:
+    """Record or import routing traces and build activation tables."""
+
+
+@profile.command("import")
+@click.option("--format", "fmt", type=click.Choice(["esft", "jsonl"]), required=True, help="Source format.")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--model", "model_spec", help="Preset, config.json or model folder (default for esft: "
+              "deepseek-v2-lite).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Trace to write (.parquet).")
+@click.option("--no-weights", is_flag=True, help="Leave gate weights out (a much smaller file).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def profile_import(fmt, src, model_spec, output, no_weights, quiet, as_json) -> None:
+    """Convert routing in another format (ESFT text, generic JSONL) to a Parquet trace."""
+    from prism_plan.traces.importing import import_trace
+
+    if model_spec is None and fmt == "esft":
+        model_spec = "deepseek-v2-lite"
+    summary = import_trace(fmt, src, output, _model(model_spec), weights=not no_weights, quiet=quiet)
+    if as_json:
+        _echo_json(summary)
+    else:
+        click.echo(f"wrote {output}: {summary['tokens']} tokens, {summary['requests']} requests, origins "
+                   f"{', '.join(summary['origins'])}")
+
+
+@profile.command("tables")
+@click.argument("trace", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Tables to write (.npz).")
+@click.option("--no-pairs", is_flag=True, help="Skip co-activation and transition counts.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def profile_tables(trace, output, no_pairs, as_json) -> None:
+    """Count activations per origin, layer and expert (and expert pairs) in a trace."""
+    from prism_plan.traces.tables import tables_from_trace
+
+    tables = tables_from_trace(trace, pairs=not no_pairs)
+    tables.save(output)
+    summary = {"path": str(output), "origins": list(tables.origins), "tokens": tables.tokens.tolist(),
+               "layers": len(tables.layers), "experts": tables.num_experts,
+               "activations": float(tables.freq.sum())}
+    if as_json:
+        _echo_json(summary)
+    else:
+        click.echo(f"wrote {output}: {int(tables.tokens.sum())} tokens from {len(tables.origins)} origins, "
+                   f"{len(tables.layers)} layers x {tables.num_experts} experts")
+
+
+def _solver_names() -> list[str]:
+    from prism_plan.solvers import SOLVERS
+
+    return list(SOLVERS)
+
+
+@cli.command()
+@click.option("--tables", "tables_path", type=click.Path(path_type=Path), required=True, help="Tables (.npz).")
+@click.option("--cluster", "cluster_path", type=click.Path(path_type=Path), required=True, help="Cluster TOML.")
+@click.option("--model", "model_spec", help="Preset, config.json or model folder (default: the tables' model).")
+@click.option("--objective", type=click.Choice(["coverage"]), default="coverage", show_default=True)
+@click.option("--solver", default="exact", show_default=True, help="exact, greedy, or a baseline: linear, "
+              "round-robin, popularity, eplb, random.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Seconds for searching solvers.")
+@click.option("--min-replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised solvers.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan to write (.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def solve(tables_path, cluster_path, model_spec, objective, solver, time_limit, min_replicas, seed, output,
+          as_json) -> None:
+    """Solve for a placement and write the plan."""
+    from prism_plan.pipeline import solve_placement
+    from prism_plan.placement.cluster import load_cluster
+    from prism_plan.traces.tables import ActivationTables
+
+    tables = ActivationTables.load(tables_path)
+    cluster = load_cluster(cluster_path)
+    model = _model(model_spec, tables.meta)
+    plan = solve_placement(tables, cluster, model, solver=solver, objective=objective, time_limit=time_limit,
+                           min_replicas=min_replicas, seed=seed)
+    plan.save(output, cluster)
+    m = plan.metrics
+    summary = {"path": str(output), "solver": plan.solver, "local_coverage": m["local_coverage"],
+               "remote_bytes_per_token": m["remote_bytes_per_token"], "memory_bytes": m["memory_bytes"]}
+    if as_json:
+        _echo_json(summary)
+    else:
+        s = plan.solver
+        gap = "n/a" if s["gap"] is None else f"{100 * s['gap']:.3f}%"
+        click.echo(f"wrote {output}: {s['name']} {s['status']} in {s['seconds']:.3f} s (gap {gap}), local "
+                   f"coverage {100 * m['local_coverage']:.2f}%, remote {m['remote_bytes_per_token'] / 1e3:.1f} "
+                   f"kB/token")
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("prism-quickstart"),
+              show_default=True, help="Folder for the tables and the optimal plan.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Seconds per searching solver.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def quickstart(out_dir, time_limit, quiet, as_json) -> None:
+    """Run the whole path on the bundled real ESFT traces and a 4-server edge cluster, comparing every solver."""
+    from prism_plan.quickstart import format_rows, run_quickstart
+
+    rows = run_quickstart(out_dir, time_limit=time_limit, quiet=quiet)
+    if as_json:
+        _echo_json(rows)
+    else:
+        click.echo(format_rows(rows))
+        click.echo(f"\ntables and the exact plan are in {out_dir}/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="prism-plan", standalone_mode=False)
+    except PrismError as e:
+        click.echo(f"error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The domain: model and cluster specs, plans and their metrics."""

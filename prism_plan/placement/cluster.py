@@ -1,0 +1,255 @@
+"""ClusterSpec: the servers that serve a MoE model together, their memory, compute and links.
+
+Read from the TOML file people write (see DESIGN.md, "Cluster file"). Links are given per pair, as a full
+matrix, or as a sparse topology: pairs with no direct link use `[defaults]` when present, else the best path
+through the listed links (latency adds up along a path, bandwidth is its narrowest link).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import networkx as nx
+import numpy as np
+
+from prism_plan.errors import PrismError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+GIB = 2**30
+_SERVER_KEYS = {"name", "memory_gib", "compute_tflops", "origins"}
+_LINK_KEYS = {"a", "b", "bandwidth_gbps", "latency_ms", "one_way"}
+_DEFAULT_KEYS = {"bandwidth_gbps", "latency_ms"}
+_TOP_KEYS = {"server", "link", "defaults", "matrix", "name"}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server: memory for routed experts (bytes), expert-FFN throughput (TFLOP/s), origins it receives."""
+
+    name: str
+    memory_bytes: int
+    compute_tflops: float
+    origins: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Servers and pairwise link costs.
+
+    bandwidth: [servers, servers] bytes per second from row server to column server (inf on the diagonal).
+    latency: [servers, servers] seconds per message (0 on the diagonal).
+    """
+
+    servers: tuple[ServerSpec, ...]
+    bandwidth: np.ndarray
+    latency: np.ndarray
+    name: str = "cluster"
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.servers]
+
+    @property
+    def num_servers(self) -> int:
+        return len(self.servers)
+
+    @property
+    def budgets(self) -> np.ndarray:
+        """bytes: [servers] int64, memory for routed experts."""
+        return np.array([s.memory_bytes for s in self.servers], dtype=np.int64)
+
+    @property
+    def origin_server(self) -> dict[str, int]:
+        """Origin name -> index of the server its requests arrive at."""
+        return {o: i for i, s in enumerate(self.servers) for o in s.origins}
+
+    def index(self, server: str) -> int:
+        """Index of a server by name."""
+        try:
+            return self.names.index(server)
+        except ValueError:
+            raise PrismError(f"server {server!r} is not in cluster {self.name!r} (servers: {self.names})")
+
+    def hop_seconds(self, message_bytes: float) -> np.ndarray:
+        """seconds: [servers, servers], time to send one message of `message_bytes` between two servers."""
+        return self.latency + message_bytes / self.bandwidth
+
+    def homes(self, origins: list[str]) -> np.ndarray:
+        """[origins] int64, the server index each origin's requests arrive at; an error names unserved ones."""
+        where = self.origin_server
+        unserved = [o for o in origins if o not in where]
+        if unserved:
+            raise PrismError(f"origin(s) {unserved} have no server in cluster {self.name!r}; add them to a "
+                             f"server's `origins` list (served now: {sorted(where)})")
+        return np.array([where[o] for o in origins], dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        """Plain data (used for hashing and for plan provenance)."""
+        return {
+            "name": self.name,
+            "servers": [{"name": s.name, "memory_bytes": s.memory_bytes, "compute_tflops": s.compute_tflops,
+                         "origins": list(s.origins)} for s in self.servers],
+            "bandwidth": np.where(np.isinf(self.bandwidth), -1, self.bandwidth).tolist(),
+            "latency": self.latency.tolist(),
+        }
+
+    def sha256(self) -> str:
+        """Hash of the cluster's meaning (not its file's formatting)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _fail(where: str, msg: str) -> None:
+    raise PrismError(f"{where}: {msg}")
+
+
+def _positive(where: str, table: Mapping[str, Any], key: str, allow_zero: bool = False,
+              default: float | None = None) -> float:
+    value = table.get(key, default)
+    if value is None:
+        _fail(where, f"missing `{key}`")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(where, f"`{key}` must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        _fail(where, f"`{key}` must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+    return float(value)
+
+
+def _check_keys(where: str, table: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = set(table) - allowed
+    if unknown:
+        _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def parse_cluster(doc: Mapping[str, Any], source: str = "cluster") -> ClusterSpec:
+    """Validate a parsed cluster document (the TOML's tables) and build a ClusterSpec."""
+    _check_keys(source, doc, _TOP_KEYS)
+    raw_servers = doc.get("server")
+    if not raw_servers or not isinstance(raw_servers, list):
+        _fail(source, "no servers: add at least one [[server]] table with name and memory_gib")
+    servers: list[ServerSpec] = []
+    owner: dict[str, str] = {}
+    for i, raw in enumerate(raw_servers):
+        where = f"{source}: server #{i + 1}"
+        _check_keys(where, raw, _SERVER_KEYS)
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            _fail(where, "missing `name` (a non-empty string)")
+        where = f"{source}: server {name!r}"
+        if name in (s.name for s in servers):
+            _fail(where, "duplicate server name; every server needs its own name")
+        memory = _positive(where, raw, "memory_gib", allow_zero=True)
+        compute = _positive(where, raw, "compute_tflops", default=1.0)
+        origins = raw.get("origins", [name])
+        if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins):
+            _fail(where, f"`origins` must be a list of names, got {origins!r}")
+        for o in origins:
+            if o in owner:
+                _fail(where, f"origin {o!r} is already served by server {owner[o]!r}; each origin arrives at "
+                             f"exactly one server")
+            owner[o] = name
+        servers.append(ServerSpec(name, int(round(memory * GIB)), compute, tuple(origins)))
+
+    bandwidth, latency = _link_matrices(doc, [s.name for s in servers], source)
+    return ClusterSpec(tuple(servers), bandwidth, latency, name=str(doc.get("name", source)))
+
+
+def _link_matrices(doc: Mapping[str, Any], names: list[str], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise bandwidth (bytes/s) and latency (s) from [matrix], or [defaults] plus [[link]] tables."""
+    n = len(names)
+    if "matrix" in doc:
+        return _matrix_links(doc["matrix"], names, source)
+    defaults = doc.get("defaults")
+    if defaults is not None:
+        _check_keys(f"{source}: [defaults]", defaults, _DEFAULT_KEYS)
+        bw = np.full((n, n), _positive(f"{source}: [defaults]", defaults, "bandwidth_gbps", default=10.0))
+        lat = np.full((n, n), _positive(f"{source}: [defaults]", defaults, "latency_ms", True, default=0.5))
+    else:
+        bw, lat = np.full((n, n), np.nan), np.full((n, n), np.nan)
+    for i, raw in enumerate(doc.get("link", [])):
+        where = f"{source}: link #{i + 1}"
+        _check_keys(where, raw, _LINK_KEYS)
+        a, b = raw.get("a"), raw.get("b")
+        for end in (a, b):
+            if end not in names:
+                _fail(where, f"unknown server {end!r}; servers are {names}")
+        if a == b:
+            _fail(where, f"a link needs two different servers, got {a!r} twice")
+        where = f"{source}: link {a!r}-{b!r}"
+        ia, ib = names.index(a), names.index(b)
+        gbps = _positive(where, raw, "bandwidth_gbps")
+        ms = _positive(where, raw, "latency_ms", allow_zero=True, default=0.0)
+        pairs = [(ia, ib)] if raw.get("one_way", False) else [(ia, ib), (ib, ia)]
+        for x, y in pairs:
+            bw[x, y], lat[x, y] = gbps, ms
+    np.fill_diagonal(bw, np.inf)
+    np.fill_diagonal(lat, 0.0)
+    if np.isnan(bw).any():
+        bw, lat = _route_through_topology(bw, lat, names, source)
+    return bw * 1e9 / 8, lat / 1e3
+
+
+def _route_through_topology(bw: np.ndarray, lat: np.ndarray, names: list[str],
+                            source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fill pairs with no direct link by the lowest-latency path through the listed links."""
+    g = nx.DiGraph()
+    g.add_nodes_from(range(len(names)))
+    for x, y in zip(*np.nonzero(~np.isnan(bw) & ~np.eye(len(names), dtype=bool))):
+        g.add_edge(int(x), int(y), latency=lat[x, y], bandwidth=bw[x, y])
+    paths = dict(nx.all_pairs_dijkstra_path(g, weight="latency"))
+    bw, lat = bw.copy(), lat.copy()
+    for x, y in zip(*np.nonzero(np.isnan(bw))):
+        path = paths[int(x)].get(int(y))
+        if path is None:
+            _fail(source, f"no link or path from {names[x]!r} to {names[y]!r}; add a [[link]] or a "
+                          f"[defaults] table for unlisted pairs")
+        hops = list(zip(path[:-1], path[1:]))
+        lat[x, y] = sum(g.edges[h]["latency"] for h in hops)
+        bw[x, y] = min(g.edges[h]["bandwidth"] for h in hops)
+    return bw, lat
+
+
+def _matrix_links(raw: Mapping[str, Any], names: list[str], source: str) -> tuple[np.ndarray, np.ndarray]:
+    where = f"{source}: [matrix]"
+    _check_keys(where, raw, _DEFAULT_KEYS)
+    n = len(names)
+    out = []
+    for key in ("bandwidth_gbps", "latency_ms"):
+        if key not in raw:
+            _fail(where, f"missing `{key}` ({n} x {n} list of lists, servers in file order)")
+        try:
+            m = np.asarray(raw[key], dtype=float)
+        except (TypeError, ValueError):
+            _fail(where, f"`{key}` must be a {n} x {n} list of numbers")
+        if m.shape != (n, n):
+            _fail(where, f"`{key}` has shape {list(m.shape)}, expected [{n}, {n}] for servers {names}")
+        off = ~np.eye(n, dtype=bool)
+        if key == "bandwidth_gbps" and (m[off] <= 0).any():
+            _fail(where, "`bandwidth_gbps` must be positive between different servers")
+        if key == "latency_ms" and (m < 0).any():
+            _fail(where, "`latency_ms` must be non-negative")
+        out.append(m)
+    bw, lat = out
+    np.fill_diagonal(bw, np.inf)
+    np.fill_diagonal(lat, 0.0)
+    return bw * 1e9 / 8, lat / 1e3
+
+
+def load_cluster(path: str | Path) -> ClusterSpec:
+    """Read and validate a cluster TOML file."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PrismError(f"no cluster file at {path}")
+    except tomllib.TOMLDecodeError as e:
+        raise PrismError(f"{path} is not valid TOML: {e}")
+    return parse_cluster(doc, source=path.name)

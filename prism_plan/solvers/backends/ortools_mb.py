@@ -1,0 +1,87 @@
+"""HiGHS and SCIP through OR-Tools' model_builder, fed straight from sparse arrays (no per-term Python)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from prism_plan.solvers.backends.base import MilpBackend, MilpModel, MilpSolution
+
+_INF = 1e30  # model_builder treats magnitudes >= 1e20 as infinite
+# Grace after the time limit before the solve is interrupted from outside (solvers overrun their own limit).
+_GRACE = 0.05
+
+
+class _ModelBuilderBackend(MilpBackend):
+    solver_id = ""
+    quiet_parameters = ""
+
+    def solve(self, model: MilpModel, time_limit: float | None) -> MilpSolution:
+        from ortools.linear_solver.python import model_builder as mb
+        from ortools.linear_solver.python import model_builder_helper as mbh
+
+        start = time.perf_counter()
+        helper = mb.Model().helper
+        clip = lambda a: np.clip(np.asarray(a, dtype=float), -_INF, _INF)  # noqa: E731
+        helper.fill_model_from_sparse_data(clip(model.lb), clip(model.ub), np.asarray(model.c, float),
+                                           clip(model.row_lb), clip(model.row_ub), model.A.tocsr())
+        for i in np.flatnonzero(model.integer).tolist():
+            helper.set_var_integrality(i, True)
+        helper.set_maximize(model.maximize)
+        if model.hint is not None and self.supports_hint:
+            for i, v in enumerate(np.asarray(model.hint, float).tolist()):
+                helper.add_hint(i, v)
+        solver = mbh.ModelSolverHelper(self.solver_id)
+        if self.quiet_parameters:
+            solver.set_solver_specific_parameters(self.quiet_parameters)
+        timer = None
+        if time_limit is not None:
+            remaining = max(0.01, time_limit - (time.perf_counter() - start))
+            solver.set_time_limit_in_seconds(remaining)
+            timer = threading.Timer(remaining * (1 + _GRACE) + 0.5, solver.interrupt_solve)
+            timer.start()
+        try:
+            solver.solve(helper)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return self._result(solver, mbh.SolveStatus, model, time.perf_counter() - start)
+
+    @staticmethod
+    def _result(solver, codes, model: MilpModel, seconds: float) -> MilpSolution:
+        status = solver.status()
+        has = solver.has_solution()
+        x = np.asarray(solver.variable_values()) if has else None
+        if x is not None:
+            x = np.where(model.integer, np.round(x), x)
+        obj = float(model.c @ x) if x is not None else None
+        bound = float(solver.best_objective_bound()) if status in (codes.OPTIMAL, codes.FEASIBLE) else None
+        if status == codes.OPTIMAL:
+            label = "optimal"
+        elif status == codes.INFEASIBLE:
+            label = "infeasible"
+        elif has:
+            label = "feasible"
+        else:
+            label = "timeout"
+        if bound is not None and not np.isfinite(bound):
+            bound = None
+        return MilpSolution(x, label, obj, bound, seconds)
+
+
+class HighsBackend(_ModelBuilderBackend):
+    """HiGHS (bundled with OR-Tools). Starting solutions are not passed: OR-Tools 9.15 crashes on HiGHS hints."""
+
+    name = "highs"
+    solver_id = "highs"
+    quiet_parameters = "output_flag=false"
+
+
+class ScipBackend(_ModelBuilderBackend):
+    """SCIP (bundled with OR-Tools), with a starting solution when one is given."""
+
+    name = "scip"
+    solver_id = "scip"
+    supports_hint = True

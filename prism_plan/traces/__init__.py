@@ -1,0 +1,1 @@
+"""Recording and reading routing traces, and the activation tables built from them."""
