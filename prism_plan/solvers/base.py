@@ -173,6 +173,11 @@ class Solver(ABC):
         check_feasible(problem)
         start = time.perf_counter()
         hosted, status, bound = self._solve(problem)
+        if (hosted.sum(axis=0) < problem.min_replicas).any():
+            # Layouts that place one copy of each expert get the further copies where they cost least.
+            from prism_plan.solvers.greedy import repair_coverage
+
+            hosted = repair_coverage(problem, hosted)
         seconds = time.perf_counter() - start
         value = coverage_value(problem, hosted)
         if bound is None and status in ("heuristic", "feasible", "timeout"):

@@ -134,7 +134,8 @@ def eplb_replicate(load: np.ndarray, slots: int) -> np.ndarray:
 
 def eplb_pack(load: np.ndarray, count: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     """[servers, experts] bool: EPLB's balanced packing of the copies (each carrying load / count), heaviest
-    first, onto the least loaded server that has a free slot and no copy of that expert yet."""
+    first, onto the least loaded server that has a free slot and no copy of that expert yet. A first copy
+    always finds room (copies never outnumber slots); an extra copy that finds none is dropped."""
     s_count = len(capacity)
     expert = np.repeat(np.arange(len(load)), count)
     share = (load / count)[expert]
@@ -143,6 +144,8 @@ def eplb_pack(load: np.ndarray, count: np.ndarray, capacity: np.ndarray) -> np.n
     used = np.zeros(s_count, np.int64)
     for i in np.argsort(-share, kind="stable"):
         ok = (used < capacity) & ~placed[:, expert[i]]
+        if not ok.any():
+            continue  # an extra copy with nowhere left to go: only servers that already hold it have room
         s = np.flatnonzero(ok)[np.argmin(total[ok])]
         placed[s, expert[i]] = True
         total[s] += share[i]

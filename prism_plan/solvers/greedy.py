@@ -3,8 +3,9 @@
 Stage 1 splits each server's memory across layers in proportion to how spread out its origins' activations
 are in that layer (the entropy's effective number of experts, exp(H)). Stage 2 fills each layer's share with
 the server's hottest experts, then gives every expert its `min_replicas` copies by placing missing ones where
-they cost the least local traffic. The exchange pass (not in the paper) then swaps, per server, a hosted expert
-that has spare copies elsewhere for a hotter one it lacks, while that gains.
+they cost the least local traffic. Two improvement passes follow (not in the paper): an exchange that swaps,
+per server, a hosted expert with spare copies elsewhere for a hotter one it lacks, and a transfer that moves
+required copies to the servers where they displace the least.
 """
 
 from __future__ import annotations
@@ -147,6 +148,48 @@ def exchange(problem: PlacementProblem, hosted: np.ndarray, sweeps: int = 8) -> 
     return hosted
 
 
+def transfer_duty(problem: PlacementProblem, hosted: np.ndarray, max_moves: int | None = None) -> np.ndarray:
+    """Move required copies to the servers where they cost the least.
+
+    A move takes an expert d that has only `min_replicas` copies from a server A that holds it to a server B
+    that lacks it: B drops its least active spare copy v of the same size, A takes its most active missing
+    expert u of that size. Gain = (w[B, d] - w[B, v]) + (w[A, u] - w[A, d]). The best move is made until none
+    gains; each step is O(servers x layers x experts) array work.
+    """
+    hosted = hosted.copy()
+    s_count = problem.shape[0]
+    w = problem.weight.reshape(s_count, -1)
+    h = hosted.reshape(s_count, -1)  # a view
+    size = np.broadcast_to(problem.layer_bytes[:, None], problem.shape[1:]).ravel()
+    classes = [np.flatnonzero(size == b) for b in np.unique(problem.layer_bytes)]
+    max_moves = max_moves if max_moves is not None else 4 * w.shape[1]
+    rows = np.arange(s_count)
+    for _ in range(max_moves):
+        best_gain, best = 1e-12, None
+        copies = h.sum(axis=0)
+        for idx in classes:
+            hc, wc = h[:, idx], w[:, idx]
+            spare = hc & (copies[idx] > problem.min_replicas)[None]
+            v = np.argmin(np.where(spare, wc, np.inf), axis=1)  # B's cheapest spare copy
+            drop_cost = np.where(spare.any(axis=1), wc[rows, v], np.inf)
+            u = np.argmax(np.where(hc, -np.inf, wc), axis=1)  # A's best missing expert
+            add_gain = np.where((~hc).any(axis=1), wc[rows, u], -np.inf)
+            required = hc & (copies[idx] == problem.min_replicas)[None]
+            give = np.where(required, add_gain[:, None] - wc, -np.inf)  # [A, d]
+            take = np.where(hc, -np.inf, wc - drop_cost[:, None])  # [B, d]
+            a, b = np.argmax(give, axis=0), np.argmax(take, axis=0)
+            gain = give[a, np.arange(len(idx))] + take[b, np.arange(len(idx))]
+            d = int(np.argmax(gain))
+            if gain[d] > best_gain:
+                best_gain = gain[d]
+                best = (idx[d], int(a[d]), int(b[d]), idx[u[a[d]]], idx[v[b[d]]])
+        if best is None:
+            break
+        d, a, b, u, v = best
+        h[a, d], h[a, u], h[b, d], h[b, v] = False, True, True, False
+    return hosted
+
+
 class GreedySolver(Solver):
     """Entropy-guided layer shares, hottest experts per share, coverage repair, exchange pass."""
 
@@ -159,5 +202,5 @@ class GreedySolver(Solver):
         for s in range(s_count):
             counts = entropy_shares(problem.weight[s], int(problem.budget[s]), problem.layer_bytes)
             hosted[s] = top_per_layer(problem.weight[s], counts)
-        hosted = repair_coverage(problem, hosted)
-        return exchange(problem, hosted), "heuristic", None
+        hosted = exchange(problem, repair_coverage(problem, hosted))
+        return exchange(problem, transfer_duty(problem, hosted)), "heuristic", None
