@@ -94,6 +94,8 @@ def repair_coverage(problem: PlacementProblem, hosted: np.ndarray) -> np.ndarray
         cost = np.where(free[:, None, None] >= size[None, :, None], 0.0, price[:, None, None] * size[None, :, None])
         score = np.where(hosted | blocked, -np.inf, problem.weight - cost)
         choice = np.argmax(score, axis=0)  # [layers, experts]
+        if not np.isfinite(np.max(score, axis=0)[deficit]).any():
+            break  # no server can take any missing copy by evicting spare ones
         for s in range(s_count):
             new = deficit & (choice == s) & np.isfinite(score[s])
             if not new.any():
@@ -110,7 +112,20 @@ def repair_coverage(problem: PlacementProblem, hosted: np.ndarray) -> np.ndarray
                     hosted[s].ravel()[flat] = True
                 else:
                     blocked[s].ravel()[flat] = True
-    raise RuntimeError("coverage repair did not converge")  # pragma: no cover - feasibility is checked first
+    return nearest_feasible(problem, hosted)
+
+
+def nearest_feasible(problem: PlacementProblem, hosted: np.ndarray) -> np.ndarray:
+    """The feasible placement that keeps the most of `hosted`, then the most activations: the exact solver
+    on weights that value every kept expert above all activations together. Used when budgets are so tight
+    that every slot is spoken for and evicting spare copies cannot make room."""
+    from dataclasses import replace
+
+    from prism_plan.solvers.exact import ExactSolver
+
+    keep = float(problem.weight.sum()) + 1.0
+    anchored = replace(problem, weight=problem.weight + keep * hosted)
+    return ExactSolver(time_limit=60)._solve(anchored)[0]
 
 
 def exchange(problem: PlacementProblem, hosted: np.ndarray, sweeps: int = 8) -> np.ndarray:

@@ -1,0 +1,105 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from prism_plan.cli import main
+from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tables_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("t") / "tables.npz"
+    assert main(["profile", "tables", str(BUNDLED_TRACE), "-o", str(path)]) == 0
+    return path
+
+
+def test_import_tables_solve(tmp_path, capsys, esft_dir):
+    code, out, _ = run(capsys, "profile", "import", "--format", "esft", esft_dir / "law", "-o", tmp_path / "t.parquet",
+                       "--quiet", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 8327
+    code, out, _ = run(capsys, "profile", "tables", tmp_path / "t.parquet", "-o", tmp_path / "t.npz", "--json")
+    assert code == 0 and json.loads(out)["origins"] == ["law"]
+    cluster = tmp_path / "c.toml"
+    cluster.write_text('[defaults]\n[[server]]\nname="a"\nmemory_gib=20\norigins=["law"]\n'
+                       '[[server]]\nname="b"\nmemory_gib=20\n')
+    code, out, _ = run(capsys, "solve", "--tables", tmp_path / "t.npz", "--cluster", cluster, "-o",
+                       tmp_path / "p.json", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["solver"]["status"] == "optimal"
+    assert (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("solver", ["greedy", "eplb"])
+def test_solve_text_output(tmp_path, capsys, tables_file, solver):
+    code, out, _ = run(capsys, "solve", "--tables", tables_file, "--cluster", BUNDLED_CLUSTER, "--model",
+                       "deepseek-v2-lite", "--solver", solver, "-o", tmp_path / "p.json")
+    assert code == 0 and f"{solver} heuristic" in out and "local coverage" in out
+
+
+def test_infeasible_budget_exit_2_no_file(tmp_path, capsys, tables_file):
+    cluster = tmp_path / "small.toml"
+    cluster.write_text(BUNDLED_CLUSTER.read_text().replace("memory_gib = 12.0", "memory_gib = 1.0"))
+    code, out, err = run(capsys, "solve", "--tables", tables_file, "--cluster", cluster, "-o", tmp_path / "p.json")
+    assert code == 2 and out == ""
+    assert err.startswith("error: infeasible budget") and "short by 1.84 GiB" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_existing_plan_survives_a_failed_solve(tmp_path, capsys, tables_file):
+    plan = tmp_path / "p.json"
+    assert run(capsys, "solve", "--tables", tables_file, "--cluster", BUNDLED_CLUSTER, "-o", plan)[0] == 0
+    before = plan.read_bytes()
+    code, _, err = run(capsys, "solve", "--tables", tables_file, "--cluster", BUNDLED_CLUSTER, "--model",
+                       "mixtral-8x7b", "-o", plan)
+    assert code == 2 and "pass the --model" in err
+    assert plan.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["solve", "--tables", "nope.npz", "--cluster", str(BUNDLED_CLUSTER), "-o", "x.json"], "no tables file"),
+    (["profile", "tables", "nope.parquet", "-o", "x.npz"], "no trace file"),
+    (["profile", "import", "--format", "jsonl", "nope.jsonl", "--model", "deepseek-v2-lite", "-o", "x.parquet"],
+     "no JSONL file"),
+    (["profile", "import", "--format", "jsonl", "nope.jsonl", "--model", "gpt-5", "-o", "x.parquet"],
+     "unknown model"),
+])
+def test_user_errors(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_bad_solver_name(tmp_path, capsys, tables_file):
+    code, _, err = run(capsys, "solve", "--tables", tables_file, "--cluster", BUNDLED_CLUSTER, "--solver", "magic",
+                       "-o", tmp_path / "p.json")
+    assert code == 2 and "unknown solver 'magic'" in err
+
+
+def test_usage_error_exit_2(capsys):
+    code, _, err = run(capsys, "solve")
+    assert code == 2 and "Missing option" in err
+
+
+def test_quickstart_json(tmp_path, capsys):
+    code, out, _ = run(capsys, "quickstart", "--out", tmp_path, "--quiet", "--json")
+    rows = {r["solver"]: r for r in json.loads(out)}
+    assert code == 0 and set(rows) == {"exact", "greedy", "linear", "round-robin", "popularity", "eplb", "random"}
+    assert rows["exact"]["status"] == "optimal" and rows["exact"]["gap"] == 0.0
+    assert rows["greedy"]["below_optimum"] < 0.01
+    assert all(r["local_coverage"] <= rows["exact"]["local_coverage"] for r in rows.values())
+    assert (tmp_path / "plan.json").exists() and (tmp_path / "tables.npz").exists()
+
+
+def test_console_script_runs_as_module(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "prism_plan.cli", "solve", "--tables", tmp_path / "none.npz",
+                          "--cluster", BUNDLED_CLUSTER, "-o", tmp_path / "p.json"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: no tables file")
