@@ -89,10 +89,14 @@ def test_usage_error_exit_2(capsys):
     assert code == 2 and "Missing option" in err
 
 
-def test_quickstart_json(tmp_path, capsys):
-    code, out, _ = run(capsys, "quickstart", "--out", tmp_path, "--quiet", "--json")
-    rows = {r["solver"]: r for r in json.loads(out)}
-    assert code == 0 and set(rows) == {"exact", "greedy", "linear", "round-robin", "popularity", "eplb", "random"}
+def test_quickstart_json_from_the_installed_package(tmp_path):
+    # Run outside the source tree so that the installed package (and the data it ships) is what runs.
+    res = subprocess.run([sys.executable, "-m", "prism_plan.cli", "quickstart", "--out", "qs", "--quiet", "--json"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = {r["solver"]: r for r in json.loads(res.stdout)}
+    tmp_path = tmp_path / "qs"
+    assert set(rows) == {"exact", "greedy", "linear", "round-robin", "popularity", "eplb", "random"}
     assert rows["exact"]["status"] == "optimal" and rows["exact"]["gap"] == 0.0
     assert rows["greedy"]["below_optimum"] < 0.01
     assert all(r["local_coverage"] <= rows["exact"]["local_coverage"] for r in rows.values())

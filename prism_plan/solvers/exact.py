@@ -54,11 +54,13 @@ class ExactSolver(Solver):
     name = "exact"
     summary = "optimal coverage (min-cost flow; MILP when expert sizes differ), with proof"
 
-    def __init__(self, time_limit: float | None = None, seed: int = 0, backend: str = "highs") -> None:
+    def __init__(self, time_limit: float | None = None, seed: int = 0, backend: str = "highs",
+                 warm_start: bool = True) -> None:
         super().__init__(time_limit, seed)
         if backend not in BACKENDS:
             raise PrismError(f"unknown MILP back end {backend!r}; choose one of {sorted(BACKENDS)}")
         self.backend = backend
+        self.warm_start = warm_start
 
     def _solve(self, problem: PlacementProblem):
         s, l, e = problem.shape
@@ -72,14 +74,16 @@ class ExactSolver(Solver):
     def _solve_milp(self, problem: PlacementProblem):
         from prism_plan.solvers.greedy import GreedySolver
 
-        start = GreedySolver(seed=self.seed)._solve(problem)[0]
+        start = GreedySolver(seed=self.seed)._solve(problem)[0] if self.warm_start else None
         sol = BACKENDS[self.backend]().solve(coverage_milp(problem, start), self.time_limit)
         if sol.status == "infeasible":
             raise InfeasibleError("no placement fits the memory budgets with every expert hosted; the MILP "
                                   "proved it (expert sizes do not pack into the servers)")
-        hosted = start if sol.x is None else sol.x.reshape(problem.shape) > 0.5
-        if coverage_value(problem, hosted) < coverage_value(problem, start):
-            hosted = start  # the back end found nothing better than its start within the limit
         if sol.x is None:
-            return hosted, "timeout", sol.bound
+            if start is None:
+                raise PrismError(f"the MILP found no placement within {self.time_limit} s; raise --time-limit")
+            return start, "timeout", sol.bound
+        hosted = sol.x.reshape(problem.shape) > 0.5
+        if start is not None and coverage_value(problem, hosted) < coverage_value(problem, start):
+            hosted = start  # the back end found nothing better than its start within the limit
         return hosted, proven_status(coverage_value(problem, hosted), sol.bound, MILP_TOLERANCE), sol.bound

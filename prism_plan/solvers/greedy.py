@@ -125,7 +125,7 @@ def nearest_feasible(problem: PlacementProblem, hosted: np.ndarray) -> np.ndarra
 
     keep = float(problem.weight.sum()) + 1.0
     anchored = replace(problem, weight=problem.weight + keep * hosted)
-    return ExactSolver(time_limit=60)._solve(anchored)[0]
+    return ExactSolver(time_limit=60, warm_start=False)._solve(anchored)[0]
 
 
 def exchange(problem: PlacementProblem, hosted: np.ndarray, sweeps: int = 8) -> np.ndarray:
