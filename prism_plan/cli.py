@@ -66,12 +66,13 @@ def profile_import(fmt, src, model_spec, output, no_weights, quiet, as_json) -> 
 @click.argument("trace", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Tables to write (.npz).")
 @click.option("--no-pairs", is_flag=True, help="Skip co-activation and transition counts.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def profile_tables(trace, output, no_pairs, as_json) -> None:
+def profile_tables(trace, output, no_pairs, quiet, as_json) -> None:
     """Count activations per origin, layer and expert (and expert pairs) in a trace."""
     from prism_plan.traces.tables import tables_from_trace
 
-    tables = tables_from_trace(trace, pairs=not no_pairs)
+    tables = tables_from_trace(trace, pairs=not no_pairs, quiet=quiet)
     tables.save(output)
     summary = {"path": str(output), "origins": list(tables.origins), "tokens": tables.tokens.tolist(),
                "layers": len(tables.layers), "experts": tables.num_experts,

@@ -15,6 +15,7 @@ import numpy as np
 
 from prism_plan.atomic import atomic_path
 from prism_plan.errors import PrismError
+from prism_plan.progress import track
 from prism_plan.traces.trace import Trace, iter_trace
 
 @dataclass
@@ -154,6 +155,6 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
                              "window": window})
 
 
-def tables_from_trace(path: str | Path, pairs: bool = True) -> ActivationTables:
-    """ActivationTables of a whole trace file, streamed batch by batch."""
-    return build_tables(iter_trace(path), pairs=pairs)
+def tables_from_trace(path: str | Path, pairs: bool = True, quiet: bool = True) -> ActivationTables:
+    """ActivationTables of a whole trace file, streamed batch by batch (a progress bar unless quiet)."""
+    return build_tables(track(iter_trace(path), "counting activations", quiet=quiet), pairs=pairs)
