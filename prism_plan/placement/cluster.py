@@ -18,6 +18,7 @@ import networkx as nx
 import numpy as np
 
 from prism_plan.errors import PrismError
+from prism_plan.fileio import read_user_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -246,10 +247,9 @@ def _matrix_links(raw: Mapping[str, Any], names: list[str], source: str) -> tupl
 def load_cluster(path: str | Path) -> ClusterSpec:
     """Read and validate a cluster TOML file."""
     path = Path(path)
+    text = read_user_text(path, "cluster file")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PrismError(f"no cluster file at {path}")
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PrismError(f"{path} is not valid TOML: {e}")
     return parse_cluster(doc, source=path.name)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from prism_plan.errors import PrismError
+from prism_plan.fileio import read_user_text
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float8_e4m3fn": 1, "int8": 1}
 
@@ -168,10 +169,9 @@ def from_hf_config(config: Any, name: str | None = None) -> ModelSpec:
         path = Path(config)
         if path.is_dir():
             path = path / "config.json"
+        text = read_user_text(path, "model config (pass a preset name, a config.json or a model folder)")
         try:
-            cfg = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PrismError(f"no model config at {path}; pass a preset name, a config.json or a model folder")
+            cfg = json.loads(text)
         except json.JSONDecodeError as e:
             raise PrismError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
         name = name or path.parent.name

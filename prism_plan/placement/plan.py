@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_plan.atomic import write_text_atomic
+from prism_plan.fileio import read_user_text, write_text_atomic
 from prism_plan.errors import PrismError
 from prism_plan.placement.cluster import GIB, ClusterSpec
 from prism_plan.placement.metrics import memory_used
@@ -147,10 +147,9 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         """Read a plan file."""
         path = Path(path)
+        text = read_user_text(path, "plan file")
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PlanError(f"no plan file at {path}")
+            d = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
         return cls.from_dict(d, where=str(path))

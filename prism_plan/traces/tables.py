@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from prism_plan.atomic import atomic_path
+from prism_plan.fileio import atomic_path
 from prism_plan.errors import PrismError
 from prism_plan.progress import track
 from prism_plan.traces.trace import Trace, iter_trace

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prism_plan.atomic import atomic_path
+from prism_plan.fileio import atomic_path
 from prism_plan.errors import PrismError
 
 META_KEY = b"prism_plan"

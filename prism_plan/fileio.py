@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the target's folder, then a rename, so readers never see half a file."""
+"""Reading users' files with clear errors, and atomic writes: a temp file in the target's folder, then a
+rename, so readers never see half a file."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from prism_plan.errors import PrismError
 
 
 @contextlib.contextmanager
@@ -33,3 +36,14 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `target` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of a file the user named; a PrismError that names `what` it should be otherwise."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PrismError(f"no {what} at {path}")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrismError(f"cannot read {what} {path}: {e}")
