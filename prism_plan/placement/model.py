@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,7 +42,6 @@ class ModelSpec:
     shared_expert_bytes: int = 0
     num_hidden_layers: int = 0
     family: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
@@ -96,8 +95,6 @@ class ModelSpec:
         d["layers"] = list(self.layers)
         if isinstance(self.expert_bytes, tuple):
             d["expert_bytes"] = list(self.expert_bytes)
-        if not d["extra"]:
-            d.pop("extra")
         return d
 
     @classmethod

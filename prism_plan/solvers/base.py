@@ -88,10 +88,10 @@ def check_feasible(problem: PlacementProblem) -> None:
         raise InfeasibleError(f"min_replicas={r} needs at least {r} servers, the cluster has {s}; lower "
                               f"--min-replicas or add servers")
     need = r * e * int(problem.layer_bytes.sum())
-    # A server can hold each (layer, expert) once, so memory beyond one full copy of the model is no use.
-    have = int(np.minimum(problem.budget, e * int(problem.layer_bytes.sum())).sum())
     if problem.uniform:
         have = int(problem.slots.sum()) * int(problem.layer_bytes[0])
+    else:  # a server holds each (layer, expert) once: memory beyond one full copy of the model is no use
+        have = int(np.minimum(problem.budget, e * int(problem.layer_bytes.sum())).sum())
     if have < need:
         lines = ", ".join(f"{n} {b / GIB:.2f} GiB" for n, b in zip(problem.server_names, problem.budget))
         raise InfeasibleError(f"infeasible budget: {r} cop{'y' if r == 1 else 'ies'} of every expert need "
