@@ -107,8 +107,8 @@ class Plan:
 
     def sha256(self) -> str:
         """Hash of the placement and routing (what a migration moves between)."""
-        return hashlib.sha256(json.dumps([self.to_dict()["placement"], self.to_dict()["routing"]],
-                                         sort_keys=True).encode()).hexdigest()
+        d = self.to_dict()
+        return hashlib.sha256(json.dumps([d["placement"], d["routing"]], sort_keys=True).encode()).hexdigest()
 
     def save(self, path: str | Path, cluster: ClusterSpec | None = None) -> None:
         """Check the plan, then write it atomically; an invalid plan raises and writes nothing."""
