@@ -69,6 +69,11 @@ class ClusterSpec:
         return np.array([s.memory_bytes for s in self.servers], dtype=np.int64)
 
     @property
+    def flops(self) -> np.ndarray:
+        """FLOP/s: [servers] float64, sustained expert-FFN throughput."""
+        return np.array([s.compute_tflops for s in self.servers], dtype=float) * 1e12
+
+    @property
     def origin_server(self) -> dict[str, int]:
         """Origin name -> index of the server its requests arrive at."""
         return {o: i for i, s in enumerate(self.servers) for o in s.origins}

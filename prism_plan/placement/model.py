@@ -29,6 +29,8 @@ class ModelSpec:
     hidden_size, act_bytes: a token's hidden state is hidden_size * act_bytes bytes on the wire.
     shared_experts, shared_expert_bytes: experts every token uses; always local, so they never enter placement.
     num_hidden_layers: all decoder layers, dense included (SGLang numbers layers this way).
+    expert_flops: FLOPs one token costs in one routed expert (2 x its weights); 0 means estimate it from
+        expert_bytes, taking one weight as act_bytes bytes.
     """
 
     name: str
@@ -42,6 +44,7 @@ class ModelSpec:
     shared_expert_bytes: int = 0
     num_hidden_layers: int = 0
     family: str = ""
+    expert_flops: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
@@ -61,6 +64,8 @@ class ModelSpec:
             raise PrismError(f"model {self.name!r}: expert_bytes and hidden_size must be positive")
         if self.num_hidden_layers == 0:
             object.__setattr__(self, "num_hidden_layers", max(self.layers) + 1)
+        if self.expert_flops <= 0:
+            object.__setattr__(self, "expert_flops", 2 * int(self.layer_bytes.max()) // self.act_bytes)
 
     @property
     def num_layers(self) -> int:
@@ -215,6 +220,7 @@ def from_hf_config(config: Any, name: str | None = None) -> ModelSpec:
         shared_expert_bytes=int(shared_bytes),
         num_hidden_layers=n_layers,
         family=str(cfg.get("model_type", "")),
+        expert_flops=2 * 3 * hidden * inter,
     )
 
 

@@ -5,8 +5,9 @@ Adding a back end means one file here with a MilpBackend subclass and one line i
 """
 
 from prism_plan.solvers.backends.base import MilpBackend, MilpModel, MilpSolution
-from prism_plan.solvers.backends.ortools_mb import HighsBackend, ScipBackend
+from prism_plan.solvers.backends.mathopt import MathOptHighsBackend
+from prism_plan.solvers.backends.ortools_mb import ScipBackend
 
-BACKENDS: dict[str, type[MilpBackend]] = {b.name: b for b in (HighsBackend, ScipBackend)}
+BACKENDS: dict[str, type[MilpBackend]] = {b.name: b for b in (MathOptHighsBackend, ScipBackend)}
 
 __all__ = ["BACKENDS", "MilpBackend", "MilpModel", "MilpSolution"]

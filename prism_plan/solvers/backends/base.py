@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -50,3 +53,26 @@ class MilpBackend(ABC):
     @abstractmethod
     def solve(self, model: MilpModel, time_limit: float | None) -> MilpSolution:
         """Solve `model` within `time_limit` seconds (None: no limit)."""
+
+
+# Grace after the time limit before a solve is interrupted from outside (solvers overrun their own limit).
+_GRACE = 0.05
+
+
+def remaining_time(time_limit: float | None, start: float) -> float | None:
+    """Seconds left of `time_limit` counted from `start` (a perf_counter reading); None for no limit."""
+    return None if time_limit is None else max(0.01, time_limit - (time.perf_counter() - start))
+
+
+@contextmanager
+def interrupt_after(seconds: float | None, interrupt):
+    """Call `interrupt()` if the block is still running a little after `seconds` (None: never)."""
+    timer = None
+    if seconds is not None:
+        timer = threading.Timer(seconds * (1 + _GRACE) + 0.5, interrupt)
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()

@@ -1,17 +1,14 @@
-"""HiGHS and SCIP through OR-Tools' model_builder, fed straight from sparse arrays (no per-term Python)."""
+"""SCIP through OR-Tools' model_builder, fed straight from sparse arrays (no per-term Python)."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 
-from prism_plan.solvers.backends.base import MilpBackend, MilpModel, MilpSolution
+from prism_plan.solvers.backends.base import MilpBackend, MilpModel, MilpSolution, interrupt_after, remaining_time
 
 _INF = 1e30  # model_builder treats magnitudes >= 1e20 as infinite
-# Grace after the time limit before the solve is interrupted from outside (solvers overrun their own limit).
-_GRACE = 0.05
 
 
 class _ModelBuilderBackend(MilpBackend):
@@ -36,17 +33,11 @@ class _ModelBuilderBackend(MilpBackend):
         solver = mbh.ModelSolverHelper(self.solver_id)
         if self.parameters:
             solver.set_solver_specific_parameters(self.parameters)
-        timer = None
-        if time_limit is not None:
-            remaining = max(0.01, time_limit - (time.perf_counter() - start))
+        remaining = remaining_time(time_limit, start)
+        if remaining is not None:
             solver.set_time_limit_in_seconds(remaining)
-            timer = threading.Timer(remaining * (1 + _GRACE) + 0.5, solver.interrupt_solve)
-            timer.start()
-        try:
+        with interrupt_after(remaining, solver.interrupt_solve):
             solver.solve(helper)
-        finally:
-            if timer is not None:
-                timer.cancel()
         return self._result(solver, mbh.SolveStatus, model, time.perf_counter() - start)
 
     @staticmethod
@@ -69,15 +60,6 @@ class _ModelBuilderBackend(MilpBackend):
         if bound is not None and not np.isfinite(bound):
             bound = None
         return MilpSolution(x, label, obj, bound, seconds)
-
-
-class HighsBackend(_ModelBuilderBackend):
-    """HiGHS (bundled with OR-Tools). Starting solutions are not passed: OR-Tools 9.15 crashes on HiGHS hints."""
-
-    name = "highs"
-    solver_id = "highs"
-    # Quiet, and a MIP gap tight enough for the optimality tolerance prism-plan reports against.
-    parameters = "output_flag=false\nmip_rel_gap=1e-7"
 
 
 class ScipBackend(_ModelBuilderBackend):
