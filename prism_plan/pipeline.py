@@ -22,7 +22,7 @@ def make_plan(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec, 
               result: SolveResult) -> Plan:
     """Wrap a solver's placement into a checked Plan with routing, metrics and provenance."""
     homes = cluster.homes(list(tables.origins))
-    routing = route(result.hosted, homes, problem.hop_seconds)
+    routing = route(result.hosted, homes, problem.hop_seconds) if result.routing is None else result.routing[homes]
     metrics = coverage_metrics(tables.freq, tables.tokens, homes, routing, result.hosted, model.layer_bytes,
                                model.token_bytes)
     metrics["memory_bytes"] = dict(zip(cluster.names, memory_used(result.hosted, model.layer_bytes).tolist()))
@@ -35,11 +35,12 @@ def make_plan(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec, 
 
 def solve_placement(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec, solver: str = "exact",
                     objective: str = "coverage", time_limit: float | None = None, min_replicas: int = 1,
-                    seed: int = 0) -> Plan:
+                    seed: int = 0, trace=None, concurrency: int = 1) -> Plan:
     """Solve for a placement of `model`'s experts on `cluster` under the activations in `tables`.
 
-    time_limit: seconds for solvers that search (None: no limit).
+    time_limit: seconds for solvers that search (None: no limit). trace: the Trace behind `tables`, needed by
+    objectives judged by replaying it (traffic, local-search latency).
     """
-    problem = build_problem(tables, cluster, model, min_replicas)
+    problem = build_problem(tables, cluster, model, min_replicas, trace, concurrency)
     result = get_solver(solver, time_limit=time_limit, seed=seed).solve(problem, objective)
     return make_plan(tables, cluster, model, problem, result)

@@ -12,6 +12,7 @@ import numpy as np
 from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.placement.cluster import GIB, ClusterSpec
 from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.simulator import CostModel, Workload, prepare_workload
 from prism_plan.traces.tables import ActivationTables
 
 STATUSES = ("optimal", "feasible", "heuristic", "infeasible", "timeout")
@@ -26,6 +27,8 @@ class PlacementProblem:
     budget: [servers] int64, bytes each server has for routed experts.
     hop_seconds: [servers, servers] float64, time to send one token's hidden state between servers.
     min_replicas: copies every expert must have.
+    costs: link and compute costs (latency and traffic objectives); tokens: tokens behind `weight`.
+    workload: the token-level trace, cut into steps, for objectives judged by replaying it.
     """
 
     weight: np.ndarray
@@ -34,6 +37,9 @@ class PlacementProblem:
     hop_seconds: np.ndarray
     min_replicas: int = 1
     server_names: tuple[str, ...] = ()
+    costs: CostModel | None = None
+    tokens: float = 0.0
+    workload: Workload | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -52,14 +58,30 @@ class PlacementProblem:
         return np.minimum(self.budget // self.layer_bytes.max(), l * e)
 
     @property
+    def round_trip(self) -> np.ndarray:
+        """seconds: [servers, servers], sending one token's hidden state from row to column server and back."""
+        return self.hop_seconds + self.hop_seconds.T
+
+    @property
+    def act_seconds(self) -> np.ndarray:
+        """seconds: [servers], computing one activation (one token in one expert); 0 without costs."""
+        if self.costs is None:
+            return np.zeros(self.shape[0])
+        return self.costs.expert_flops / self.costs.flops
+
+    @property
     def demand(self) -> np.ndarray:
         """[layers, experts] float64, activations summed over servers (origin-blind load)."""
         return self.weight.sum(axis=0)
 
 
-def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec,
-                  min_replicas: int = 1) -> PlacementProblem:
-    """Check that tables, cluster and model describe the same thing, and gather the solver's arrays."""
+def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec, min_replicas: int = 1,
+                  trace=None, concurrency: int = 1) -> PlacementProblem:
+    """Check that tables, cluster and model describe the same thing, and gather the solver's arrays.
+
+    trace: the Trace the tables were built from, for objectives judged by replaying it (its requests are
+    batched `concurrency` per origin and step, as in the simulator).
+    """
     if tuple(tables.layers) != tuple(model.layers) or tables.num_experts != model.num_experts:
         raise PrismError(f"tables are for layers {_span(tables.layers)} x {tables.num_experts} experts but model "
                          f"{model.name!r} has layers {_span(model.layers)} x {model.num_experts}; pass the "
@@ -69,8 +91,14 @@ def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSp
     homes = cluster.homes(list(tables.origins))
     weight = np.zeros((cluster.num_servers,) + tables.freq.shape[1:])
     np.add.at(weight, homes, tables.freq)
+    workload = None
+    if trace is not None:
+        model.check_same_shape(trace.meta, "the trace")
+        origins = tuple(trace.origins)
+        workload = prepare_workload(trace, origins, cluster.homes(list(origins)), concurrency)
     problem = PlacementProblem(weight, model.layer_bytes, cluster.budgets, cluster.hop_seconds(model.token_bytes),
-                               min_replicas, tuple(cluster.names))
+                               min_replicas, tuple(cluster.names), CostModel.of(cluster, model),
+                               float(tables.tokens.sum()), workload)
     check_feasible(problem)
     return problem
 
@@ -122,8 +150,10 @@ def coverage_upper_bound(problem: PlacementProblem) -> float:
 class SolveResult:
     """A placement with its evidence. hosted: [servers, layers, experts] bool.
 
-    objective: the solver's objective value for `hosted` (coverage: activations served locally).
-    bound: the best bound proven on the optimum (None when unknown); gap: (bound - objective) / bound.
+    objective: the value of `hosted` under the objective, in the units `measure` names; bound: the best bound
+    proven on the optimum (None when unknown); gap: |objective - bound| relative to the bound (maximising) or
+    to the objective (minimising). routing: [servers, layers, experts] the server each home server's origins
+    use, when the solver chose it (else the nearest replica serves).
     """
 
     hosted: np.ndarray
@@ -134,27 +164,35 @@ class SolveResult:
     gap: float | None
     seconds: float
     objective_name: str = "coverage"
+    measure: str = ""
+    routing: np.ndarray | None = None
 
     def evidence(self) -> dict:
         """The `solver` section of a plan file."""
         return {"name": self.solver, "status": self.status, "objective": self.objective, "bound": self.bound,
-                "gap": self.gap, "seconds": round(self.seconds, 6)}
+                "gap": self.gap, "seconds": round(self.seconds, 6), "measure": self.measure}
 
 
-def relative_gap(objective: float, bound: float | None) -> float | None:
-    """(bound - objective) / |bound| for a maximisation, 0 when both are 0, None without a bound."""
+def relative_gap(objective: float, bound: float | None, maximize: bool = True) -> float | None:
+    """How far `objective` may be from the optimum given `bound`: (bound - objective) / |bound| when
+    maximising, (objective - bound) / |objective| when minimising; 0 when both are 0, None without a bound."""
     if bound is None:
         return None
-    if abs(bound) < 1e-12:
+    scale = abs(bound) if maximize else abs(objective)
+    if scale < 1e-12:
         return 0.0
-    return max(0.0, (bound - objective) / abs(bound))
+    return max(0.0, ((bound - objective) if maximize else (objective - bound)) / scale)
 
 
 class Solver(ABC):
-    """Base of every placement solver. Subclasses implement `_solve` and set `name`."""
+    """Base of every placement solver. Subclasses implement `_solve` and set `name`.
+
+    `objectives` lists what a solver optimises itself; under any other objective its placement is scored
+    and reported as a heuristic.
+    """
 
     name: ClassVar[str]
-    objectives: ClassVar[tuple[str, ...]] = ("coverage",)
+    objectives: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
 
     def __init__(self, time_limit: float | None = None, seed: int = 0) -> None:
@@ -163,15 +201,25 @@ class Solver(ABC):
 
     @abstractmethod
     def _solve(self, problem: PlacementProblem) -> tuple[np.ndarray, str, float | None]:
-        """Return (hosted [servers, layers, experts] bool, status, proven bound or None)."""
+        """Return (hosted [servers, layers, experts] bool, status, proven bound or None) for the coverage
+        objective, or a placement the solver makes without one."""
+
+    def _solve_for(self, problem: PlacementProblem, objective: str) -> SolveResult:
+        """Optimise `objective` (one of `objectives` other than coverage)."""
+        raise NotImplementedError(objective)
 
     def solve(self, problem: PlacementProblem, objective: str = "coverage") -> SolveResult:
         """Solve `problem` for `objective`, time it, and attach the evidence."""
-        if objective not in self.objectives:
-            raise PrismError(f"solver {self.name!r} does not handle objective {objective!r} "
-                             f"(it handles {', '.join(self.objectives)})")
+        from prism_plan.solvers.objectives import OBJECTIVES
+
+        if objective not in OBJECTIVES:
+            raise PrismError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         check_feasible(problem)
         start = time.perf_counter()
+        if objective != "coverage" and objective in self.objectives:
+            result = self._solve_for(problem, objective)
+            result.seconds = time.perf_counter() - start
+            return result
         hosted, status, bound = self._solve(problem)
         if (hosted.sum(axis=0) < problem.min_replicas).any():
             # Layouts that place one copy of each expert get the further copies where they cost least.
@@ -179,8 +227,11 @@ class Solver(ABC):
 
             hosted = repair_coverage(problem, hosted)
         seconds = time.perf_counter() - start
-        value = coverage_value(problem, hosted)
-        if bound is None and status in ("heuristic", "feasible", "timeout"):
+        obj = OBJECTIVES[objective]
+        if objective != "coverage":  # a placement made without looking at this objective
+            status, bound = "heuristic", obj.bound(problem) if obj.bound is not None else None
+        elif bound is None and status in ("heuristic", "feasible", "timeout"):
             bound = coverage_upper_bound(problem)
-        return SolveResult(hosted.astype(bool), self.name, status, value, bound, relative_gap(value, bound),
-                           seconds, objective)
+        value = obj.value(problem, hosted)
+        return SolveResult(hosted.astype(bool), self.name, status, value, bound,
+                           relative_gap(value, bound, obj.maximize), seconds, objective, obj.measure)

@@ -5,6 +5,8 @@ random. Each generalises its original to servers of unequal memory as the docstr
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from prism_plan.errors import InfeasibleError
@@ -105,8 +107,7 @@ class PopularitySolver(Solver):
 
     def _solve(self, problem: PlacementProblem):
         demand = problem.demand
-        blind = PlacementProblem(np.broadcast_to(demand, problem.shape).copy(), problem.layer_bytes,
-                                 problem.budget, problem.hop_seconds, problem.min_replicas, problem.server_names)
+        blind = replace(problem, weight=np.broadcast_to(demand, problem.shape).copy())
         hosted = np.zeros(problem.shape, bool)
         for s in range(problem.shape[0]):
             hosted[s] = _hottest_within(demand, problem.layer_bytes, int(problem.budget[s]))

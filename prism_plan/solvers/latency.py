@@ -1,0 +1,111 @@
+"""The latency MILP: placement and routing together, a capacitated facility-location model.
+
+    minimise  (1/tokens) [ sum_{h,s,l,e} w[h,l,e] rtt[h,s] y[h,s,l,e]  +  sum_l z[l] ]
+    s.t.      sum_s y[h,s,l,e] = 1                  every activation of home server h is served somewhere
+              y[h,s,l,e] <= x[s,l,e]                 only by a server that hosts the expert
+              sum_{h,e} w[h,l,e] c[s] y[h,s,l,e] <= z[l]   z: the layer's compute makespan
+              sum_{l,e} bytes[l] x[s,l,e] <= budget[s],  sum_s x[s,l,e] >= min_replicas
+              x binary, y >= 0
+
+w: activations whose origins arrive at h; rtt: one hidden state there and back (0 at home); c: seconds per
+activation. y exists only where w > 0, so the model grows with the demand actually seen. Built as sparse
+arrays, started from the better of the coverage optimum and the greedy placement.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from prism_plan.solvers.backends import MilpModel
+from prism_plan.solvers.base import PlacementProblem
+
+# The model is solved in microseconds per token, so HiGHS' absolute tolerances do not swallow it.
+SCALE = 1e6
+
+
+def latency_milp(problem: PlacementProblem, start: np.ndarray | None = None) -> tuple[MilpModel, np.ndarray]:
+    """The latency MILP and the (h, l, e) cell of each demand triple: [triples, 3].
+
+    Variables, in order: x [servers, layers, experts]; y [triples, servers]; z [layers].
+    start: hosted [servers, layers, experts] bool, sent as a starting solution with nearest routing.
+    """
+    s_n, l_n, e_n = problem.shape
+    nx = s_n * l_n * e_n
+    cells = np.argwhere(problem.weight > 0)  # [triples, 3] (home, layer, expert)
+    k_n = len(cells)
+    ny = k_n * s_n
+    n = nx + ny + l_n
+    w = problem.weight[cells[:, 0], cells[:, 1], cells[:, 2]]
+    tokens = problem.tokens or 1.0
+    y = nx + np.arange(ny).reshape(k_n, s_n)
+    x_of = np.ravel_multi_index((np.arange(s_n)[None, :], cells[:, 1:2], cells[:, 2:3]), (s_n, l_n, e_n))
+    srv = np.broadcast_to(np.arange(s_n)[None, :], (k_n, s_n))
+
+    c = np.zeros(n)
+    c[y] = w[:, None] * problem.round_trip[cells[:, 0]] * SCALE / tokens
+    c[nx + ny:] = SCALE / tokens
+
+    rows, cols, vals, lo, hi = [], [], [], [], []
+
+    def add(r, cc, v, lb, ub):
+        base = sum(len(b) for b in lo)
+        rows.append(np.asarray(r).ravel() + base)
+        cols.append(np.asarray(cc).ravel())
+        vals.append(np.broadcast_to(np.asarray(v, float), np.shape(cc)).ravel())
+        lo.append(lb)
+        hi.append(ub)
+
+    # assignment
+    add(np.repeat(np.arange(k_n), s_n), y, 1.0, np.ones(k_n), np.ones(k_n))
+    # linking y <= x
+    add(np.repeat(np.arange(ny), 2), np.stack([y.ravel(), x_of.ravel()], axis=1), np.tile([1.0, -1.0], (ny, 1)),
+        np.full(ny, -np.inf), np.zeros(ny))
+    # makespan per (server, layer)
+    ms_row = srv * l_n + cells[:, 1:2]
+    add(np.concatenate([ms_row.ravel(), np.arange(s_n * l_n)]),
+        np.concatenate([y.ravel(), nx + ny + np.tile(np.arange(l_n), s_n)]),
+        np.concatenate([(w[:, None] * problem.act_seconds[None, :]).ravel(), -np.ones(s_n * l_n)]),
+        np.full(s_n * l_n, -np.inf), np.zeros(s_n * l_n))
+    # memory per server and replicas per expert
+    x = np.arange(nx).reshape(s_n, l_n, e_n)
+    add(np.repeat(np.arange(s_n), l_n * e_n), x, np.broadcast_to(problem.layer_bytes[None, :, None], x.shape),
+        np.full(s_n, -np.inf), problem.budget.astype(float))
+    add(np.tile(np.arange(l_n * e_n), s_n), x, 1.0, np.full(l_n * e_n, float(problem.min_replicas)),
+        np.full(l_n * e_n, np.inf))
+
+    row_lb, row_ub = np.concatenate(lo), np.concatenate(hi)
+    a = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(row_lb), n))
+    integer = np.zeros(n, bool)
+    integer[:nx] = True
+    ub = np.ones(n)
+    ub[nx + ny:] = np.inf
+    hint = None if start is None else latency_start(problem, start, cells)
+    return MilpModel(c, a, row_lb, row_ub, np.zeros(n), ub, integer, maximize=False, hint=hint), cells
+
+
+def latency_start(problem: PlacementProblem, hosted: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """The MILP's variables for `hosted` with nearest-replica routing."""
+    from prism_plan.solvers.objectives import nearest_routing
+
+    s_n, l_n, _ = problem.shape
+    routing = nearest_routing(problem, hosted)
+    serve = routing[cells[:, 0], cells[:, 1], cells[:, 2]]
+    y = np.zeros((len(cells), s_n))
+    y[np.arange(len(cells)), serve] = 1.0
+    w = problem.weight[cells[:, 0], cells[:, 1], cells[:, 2]]
+    load = np.zeros((s_n, l_n))
+    np.add.at(load, (serve, cells[:, 1]), w)
+    z = (load * problem.act_seconds[:, None]).max(axis=0)
+    return np.concatenate([hosted.ravel().astype(float), y.ravel(), z])
+
+
+def routing_from(problem: PlacementProblem, cells: np.ndarray, yv: np.ndarray, hosted: np.ndarray) -> np.ndarray:
+    """[servers, layers, experts]: each home server's serving server, the MILP's largest routing share where it
+    has demand, the nearest replica elsewhere."""
+    from prism_plan.solvers.objectives import nearest_routing
+
+    routing = nearest_routing(problem, hosted)
+    choice = np.argmax(np.where(hosted[:, cells[:, 1], cells[:, 2]].T, yv, -1.0), axis=1)
+    routing[cells[:, 0], cells[:, 1], cells[:, 2]] = choice
+    return routing
