@@ -94,26 +94,44 @@ def _solver_names() -> list[str]:
 @click.option("--tables", "tables_path", type=click.Path(path_type=Path), required=True, help="Tables (.npz).")
 @click.option("--cluster", "cluster_path", type=click.Path(path_type=Path), required=True, help="Cluster TOML.")
 @click.option("--model", "model_spec", help="Preset, config.json or model folder (default: the tables' model).")
-@click.option("--objective", type=click.Choice(["coverage"]), default="coverage", show_default=True)
-@click.option("--solver", default="exact", show_default=True, help="exact, greedy, or a baseline: linear, "
-              "round-robin, popularity, eplb, random.")
+@click.option("--objective", type=click.Choice(["coverage", "latency", "traffic"]), default="coverage",
+              show_default=True, help="coverage: local activations; latency: expected MoE latency (MILP, or the "
+              "simulator for local-search); traffic: network bytes (needs --trace).")
+@click.option("--solver", default="exact", show_default=True, help="exact, greedy, local-search, or a baseline: "
+              "linear, round-robin, popularity, eplb, random.")
+@click.option("--trace", "trace_path", type=click.Path(path_type=Path),
+              help="The trace the tables were built from; objectives judged by replay need it.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Requests per origin batched in one step when replaying --trace.")
+@click.option("--start", "start_path", type=click.Path(path_type=Path), help="Plan local-search starts from.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Seconds for searching solvers.")
 @click.option("--min-replicas", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised solvers.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan to write (.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def solve(tables_path, cluster_path, model_spec, objective, solver, time_limit, min_replicas, seed, output,
-          as_json) -> None:
+def solve(tables_path, cluster_path, model_spec, objective, solver, trace_path, concurrency, start_path, time_limit,
+          min_replicas, seed, output, as_json) -> None:
     """Solve for a placement and write the plan."""
     from prism_plan.pipeline import solve_placement
     from prism_plan.placement.cluster import load_cluster
+    from prism_plan.placement.plan import Plan
     from prism_plan.traces.tables import ActivationTables
+    from prism_plan.traces.trace import read_trace
 
     tables = ActivationTables.load(tables_path)
     cluster = load_cluster(cluster_path)
     model = _model(model_spec, tables.meta)
+    options = {}
+    if start_path is not None:
+        if solver != "local-search":
+            raise PrismError("--start is for --solver local-search")
+        start = Plan.load(start_path)
+        start.check_cluster(cluster)
+        model.check_same_shape(start.model, str(start_path))
+        options["start"] = start.hosted
+    trace = read_trace(trace_path) if trace_path is not None else None
     plan = solve_placement(tables, cluster, model, solver=solver, objective=objective, time_limit=time_limit,
-                           min_replicas=min_replicas, seed=seed)
+                           min_replicas=min_replicas, seed=seed, trace=trace, concurrency=concurrency, **options)
     plan.save(output, cluster)
     m = plan.metrics
     summary = {"path": str(output), "solver": plan.solver, "local_coverage": m["local_coverage"],
@@ -123,9 +141,43 @@ def solve(tables_path, cluster_path, model_spec, objective, solver, time_limit, 
     else:
         s = plan.solver
         gap = "n/a" if s["gap"] is None else f"{100 * s['gap']:.3f}%"
-        click.echo(f"wrote {output}: {s['name']} {s['status']} in {s['seconds']:.3f} s (gap {gap}), local "
-                   f"coverage {100 * m['local_coverage']:.2f}%, remote {m['remote_bytes_per_token'] / 1e3:.1f} "
-                   f"kB/token")
+        click.echo(f"wrote {output}: {s['name']} {s['status']} in {s['seconds']:.3f} s, {objective} "
+                   f"{s['objective']:.6g} ({s['measure']}), gap {gap}; local coverage "
+                   f"{100 * m['local_coverage']:.2f}%")
+
+
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="Plan (.json).")
+@click.option("--trace", "trace_path", type=click.Path(path_type=Path), required=True, help="Trace (.parquet).")
+@click.option("--cluster", "cluster_path", type=click.Path(path_type=Path), required=True, help="Cluster TOML.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Requests per origin batched in one step.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write every number (per request, server "
+              "and link) as JSON here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def simulate(plan_path, trace_path, cluster_path, concurrency, output, quiet, as_json) -> None:
+    """Replay a trace through a plan: time to first token, time per output token, load and link traffic."""
+    from prism_plan.fileio import write_text_atomic
+    from prism_plan.placement.cluster import load_cluster
+    from prism_plan.placement.plan import Plan
+    from prism_plan.placement.simulator import simulate as run
+    from prism_plan.traces.trace import read_trace
+
+    result = run(Plan.load(plan_path), read_trace(trace_path), load_cluster(cluster_path), concurrency, quiet)
+    if output is not None:
+        write_text_atomic(output, json.dumps(result.to_dict(), indent=1))
+    summary = result.summary()
+    if as_json:
+        _echo_json(summary)
+        return
+    tpot = "" if summary["tpot_mean_s"] is None else f", TPOT mean {1e3 * summary['tpot_mean_s']:.3f} ms"
+    click.echo(f"{summary['requests']} requests, {summary['tokens']} tokens: TTFT mean "
+               f"{1e3 * summary['ttft_mean_s']:.2f} ms, p50 {1e3 * summary['ttft_p50_s']:.2f} ms, p99 "
+               f"{1e3 * summary['ttft_p99_s']:.2f} ms{tpot}; remote {summary['remote_bytes_per_token'] / 1e3:.1f} "
+               f"kB/token; local coverage {100 * summary['local_coverage']:.2f}%")
+    for name, busy, acts in zip(result.servers, result.server_busy, result.server_activations):
+        click.echo(f"  {name}: {int(acts)} activations, {1e3 * busy:.1f} ms computing")
 
 
 @cli.command()

@@ -35,12 +35,13 @@ def make_plan(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec, 
 
 def solve_placement(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec, solver: str = "exact",
                     objective: str = "coverage", time_limit: float | None = None, min_replicas: int = 1,
-                    seed: int = 0, trace=None, concurrency: int = 1) -> Plan:
+                    seed: int = 0, trace=None, concurrency: int = 1, **options) -> Plan:
     """Solve for a placement of `model`'s experts on `cluster` under the activations in `tables`.
 
     time_limit: seconds for solvers that search (None: no limit). trace: the Trace behind `tables`, needed by
-    objectives judged by replaying it (traffic, local-search latency).
+    objectives judged by replaying it (traffic, local-search latency). options: solver options (local-search:
+    start, a hosted array to improve).
     """
     problem = build_problem(tables, cluster, model, min_replicas, trace, concurrency)
-    result = get_solver(solver, time_limit=time_limit, seed=seed).solve(problem, objective)
+    result = get_solver(solver, time_limit=time_limit, seed=seed, **options).solve(problem, objective)
     return make_plan(tables, cluster, model, problem, result)

@@ -8,9 +8,10 @@ from prism_plan.solvers.baselines import (EplbSolver, LinearSolver, PopularitySo
                                           RoundRobinSolver)
 from prism_plan.solvers.exact import ExactSolver
 from prism_plan.solvers.greedy import GreedySolver
+from prism_plan.solvers.local_search import LocalSearchSolver
 
 SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (
-    ExactSolver, GreedySolver, LinearSolver, RoundRobinSolver, PopularitySolver, EplbSolver, RandomSolver)}
+    ExactSolver, GreedySolver, LocalSearchSolver, LinearSolver, RoundRobinSolver, PopularitySolver, EplbSolver, RandomSolver)}
 
 
 def get_solver(name: str, time_limit: float | None = None, seed: int = 0, **options) -> Solver:
