@@ -1,0 +1,144 @@
+"""Latency and traffic objectives: the MILP against brute force, local search, bounds, the simulator."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from prism_plan.cli import main
+from prism_plan.errors import PrismError
+from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE, make_plan
+from prism_plan.placement.simulator import CostModel, simulate
+from prism_plan.solvers import build_problem, get_solver
+from prism_plan.solvers.base import PlacementProblem
+from prism_plan.solvers.objectives import (latency_terms, simulated_lower_bound, simulated_value, traffic_lower_bound,
+                                           traffic_value)
+from prism_plan.traces.tables import build_tables
+from prism_plan.traces.trace import read_trace
+
+
+def small_latency_problem(seed: int) -> PlacementProblem:
+    """3 servers, 2 layers x 2 experts, random demand and links; compute so fast the makespan vanishes, which
+    makes nearest-replica routing optimal and brute force over placements exact."""
+    rng = np.random.default_rng(seed)
+    lat = rng.uniform(1e-4, 2e-3, (3, 3))
+    lat = np.triu(lat, 1) + np.triu(lat, 1).T
+    bw = np.full((3, 3), 1e9)
+    np.fill_diagonal(bw, np.inf)
+    costs = CostModel(lat, bw, np.full(3, 1e30), 4096, 1)
+    return PlacementProblem(rng.integers(0, 50, (3, 2, 2)).astype(float), np.array([10, 10]),
+                            np.array([20, 10, 10]), lat + 4096 / bw, 1, ("a", "b", "c"), costs, 100.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_latency_milp_matches_brute_force(seed):
+    problem = small_latency_problem(seed)
+    best = np.inf
+    for bits in itertools.product([False, True], repeat=12):
+        hosted = np.array(bits).reshape(3, 2, 2)
+        if (hosted.sum(axis=0) < 1).any() or ((hosted.sum(axis=(1, 2)) * 10) > problem.budget).any():
+            continue
+        best = min(best, sum(latency_terms(problem, hosted)))
+    res = get_solver("exact", time_limit=30).solve(problem, "latency")
+    assert res.status == "optimal"
+    assert res.objective == pytest.approx(best, rel=1e-6)
+    assert res.bound <= res.objective * (1 + 1e-6)
+
+
+@pytest.fixture(scope="module")
+def halves(esft_dir):
+    """The bundled trace, first half of each origin's requests (profiling) and the rest (evaluation)."""
+    tr = read_trace(BUNDLED_TRACE)
+    first = np.zeros(tr.num_tokens, bool)
+    for o in range(len(tr.origins)):
+        mine = tr.origin == o
+        reqs = np.unique(tr.request[mine])
+        first |= mine & (tr.request < reqs[len(reqs) // 2])
+    return tr.select(first), tr.select(~first)
+
+
+@pytest.fixture(scope="module")
+def replay_problem(halves, edge4, dsv2):
+    profile, _ = halves
+    return build_problem(build_tables([profile]), edge4, dsv2, trace=profile)
+
+
+def test_objectives_agree_with_the_simulator(replay_problem, halves, edge4, dsv2):
+    profile, _ = halves
+    tables = build_tables([profile])
+    res = get_solver("eplb").solve(replay_problem, "traffic")
+    plan = make_plan(tables, edge4, dsv2, replay_problem, res)
+    sim = simulate(plan, profile, edge4)
+    assert simulated_value(replay_problem, res.hosted) == pytest.approx(sim.mean_latency, rel=1e-12)
+    assert traffic_value(replay_problem, res.hosted) == pytest.approx(sim.summary()["remote_bytes_per_token"],
+                                                                      rel=1e-12)
+    assert res.objective == pytest.approx(sim.summary()["remote_bytes_per_token"], rel=1e-12)
+
+
+def test_bounds_hold_for_every_placement(replay_problem):
+    t_bound, s_bound = traffic_lower_bound(replay_problem), simulated_lower_bound(replay_problem)
+    assert t_bound > 0 and s_bound > 0
+    for name in ("exact", "greedy", "linear", "round-robin", "popularity", "eplb", "random"):
+        hosted = get_solver(name, seed=1).solve(replay_problem).hosted
+        assert traffic_value(replay_problem, hosted) >= t_bound
+        assert simulated_value(replay_problem, hosted) >= s_bound
+    everywhere = np.ones(replay_problem.shape, bool)
+    assert traffic_value(replay_problem, everywhere) == 0.0
+
+
+@pytest.mark.parametrize("objective", ["latency", "traffic"])
+def test_local_search_never_worsens_its_start(replay_problem, objective):
+    start = get_solver("eplb").solve(replay_problem).hosted
+    res = get_solver("local-search", time_limit=8, start=start).solve(replay_problem, objective)
+    value = simulated_value if objective == "latency" else traffic_value
+    assert res.objective == pytest.approx(value(replay_problem, res.hosted))
+    assert res.objective < value(replay_problem, start)
+    assert res.status == "heuristic" and res.bound <= res.objective and 0 <= res.gap < 1
+    assert (res.hosted.sum(axis=0) >= 1).all()
+    used = (res.hosted.sum(axis=2) * replay_problem.layer_bytes).sum(axis=1)
+    assert (used <= replay_problem.budget).all()
+
+
+def test_latency_plan_beats_the_baselines_on_unseen_requests(halves, replay_problem, edge4, dsv2):
+    profile, evaluation = halves
+    tables = build_tables([profile])
+    mean = {}
+    for name, objective in [("linear", "coverage"), ("eplb", "coverage"), ("exact", "latency")]:
+        res = get_solver(name, time_limit=60).solve(replay_problem, objective)
+        mean[name] = simulate(make_plan(tables, edge4, dsv2, replay_problem, res), evaluation, edge4).mean_latency
+    assert mean["exact"] < 0.8 * mean["eplb"] < 0.8 * mean["linear"]
+
+
+def test_replay_objectives_need_the_trace(esft_tables, edge4, dsv2):
+    problem = build_problem(esft_tables, edge4, dsv2)
+    with pytest.raises(PrismError, match="--trace"):
+        get_solver("local-search").solve(problem, "latency")
+    with pytest.raises(PrismError, match="--trace"):
+        get_solver("exact").solve(problem, "traffic")
+    with pytest.raises(PrismError, match="objective latency or traffic"):
+        get_solver("local-search").solve(problem, "coverage")
+
+
+def test_solve_latency_cli(tmp_path, capsys, esft_tables):
+    esft_tables.save(tmp_path / "t.npz")
+    out = tmp_path / "p.json"
+    assert main(["solve", "--tables", str(tmp_path / "t.npz"), "--cluster", str(BUNDLED_CLUSTER),
+                 "--objective", "latency", "-o", str(out), "--time-limit", "60"]) == 0
+    assert "exact optimal" in capsys.readouterr().out
+    assert main(["solve", "--tables", str(tmp_path / "t.npz"), "--cluster", str(BUNDLED_CLUSTER),
+                 "--solver", "local-search", "--objective", "traffic", "--trace", str(BUNDLED_TRACE),
+                 "--start", str(out), "--time-limit", "3", "-o", str(tmp_path / "q.json"), "--json"]) == 0
+    assert '"local-search"' in capsys.readouterr().out
+    assert main(["solve", "--tables", str(tmp_path / "t.npz"), "--cluster", str(BUNDLED_CLUSTER),
+                 "--start", str(out), "-o", str(tmp_path / "r.json")]) == 2
+    assert "--start is for" in capsys.readouterr().err
+
+
+def test_time_limit_is_kept_by_the_milp(replay_problem):
+    res = get_solver("exact", time_limit=0.5).solve(replace(replay_problem, workload=None), "latency")
+    assert res.seconds < 10
+    assert res.status in ("optimal", "feasible", "timeout")
+    assert res.gap is None or res.gap >= 0
