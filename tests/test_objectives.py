@@ -51,13 +51,7 @@ def test_latency_milp_matches_brute_force(seed):
 @pytest.fixture(scope="module")
 def halves(esft_dir):
     """The bundled trace, first half of each origin's requests (profiling) and the rest (evaluation)."""
-    tr = read_trace(BUNDLED_TRACE)
-    first = np.zeros(tr.num_tokens, bool)
-    for o in range(len(tr.origins)):
-        mine = tr.origin == o
-        reqs = np.unique(tr.request[mine])
-        first |= mine & (tr.request < reqs[len(reqs) // 2])
-    return tr.select(first), tr.select(~first)
+    return read_trace(BUNDLED_TRACE).split_requests(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -149,3 +149,13 @@ def test_write_is_atomic(tmp_path, esft_trace):
             raise RuntimeError("interrupted")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
+
+
+def test_split_requests_keeps_whole_requests_per_origin():
+    tr = read_trace(BUNDLED_TRACE)
+    first, rest = tr.split_requests(0.5)
+    assert first.num_tokens + rest.num_tokens == tr.num_tokens
+    for o in range(len(tr.origins)):
+        a, b = set(first.request[first.origin == o]), set(rest.request[rest.origin == o])
+        assert a and b and not a & b and max(a) < min(b)
+        assert abs(len(a) - len(b)) <= 1

@@ -101,6 +101,19 @@ class Trace:
                        position=self.position[mask], decode=self.decode[mask], experts=self.experts[mask],
                        weights=None if self.weights is None else self.weights[mask])
 
+    def split_requests(self, fraction: float = 0.5) -> tuple["Trace", "Trace"]:
+        """(first, rest): per origin, the first `fraction` of its requests (by request id) and the others, so
+        plans made on one part can be judged on traffic they did not see."""
+        if not 0 < fraction < 1:
+            raise PrismError(f"split fraction must lie strictly between 0 and 1, got {fraction}")
+        first = np.zeros(self.num_tokens, bool)
+        for o in np.unique(self.origin):
+            mine = self.origin == o
+            reqs = np.unique(self.request[mine])
+            cut = reqs[min(max(int(round(fraction * len(reqs))), 1), len(reqs) - 1)] if len(reqs) > 1 else None
+            first |= mine & (self.request < cut) if cut is not None else mine
+        return self.select(first), self.select(~first)
+
     @staticmethod
     def concat(parts: Iterable["Trace"]) -> "Trace":
         """One trace from several of the same model; origin names are merged."""
