@@ -38,7 +38,7 @@ def zipf_latency_problem(model_name: str, servers: int, seed: int = 0) -> Placem
     problem = zipf_problem(model_name, servers, seed)
     costs = random_costs(model_name, servers, seed)
     hop = costs.latency + costs.token_bytes / costs.bandwidth
-    return replace(problem, hop_seconds=hop, costs=costs, tokens=100_000.0)
+    return replace(problem, hop_seconds=hop, costs=costs, tokens=100_000.0 * servers)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE, make_plan
 from prism_plan.placement.simulator import CostModel, simulate
 from prism_plan.solvers import build_problem, get_solver
 from prism_plan.solvers.base import PlacementProblem
+from prism_plan.solvers.latency import lagrangian
 from prism_plan.solvers.objectives import (latency_terms, simulated_lower_bound, simulated_value, traffic_lower_bound,
                                            traffic_value)
 from prism_plan.traces.tables import build_tables
@@ -46,6 +47,23 @@ def test_latency_milp_matches_brute_force(seed):
     assert res.status == "optimal"
     assert res.objective == pytest.approx(best, rel=1e-6)
     assert res.bound <= res.objective * (1 + 1e-6)
+    bound, rounded = lagrangian(problem, upper=2 * best)
+    assert bound <= best * (1 + 1e-9)
+    if rounded is not None:
+        assert (rounded.sum(axis=0) >= 1).all()
+        assert ((rounded.sum(axis=(1, 2)) * 10) <= problem.budget).all()
+        assert sum(latency_terms(problem, rounded)) >= best * (1 - 1e-9)
+
+
+def test_lagrangian_alone_proves_a_small_gap_where_the_milp_is_too_big(monkeypatch, replay_problem):
+    from prism_plan.solvers.exact import ExactSolver
+
+    with_milp = get_solver("exact", time_limit=60).solve(replay_problem, "latency")
+    monkeypatch.setattr(ExactSolver, "milp_fits", staticmethod(lambda problem: False))
+    alone = get_solver("exact", time_limit=60).solve(replay_problem, "latency")
+    assert alone.bound <= with_milp.objective * (1 + 1e-9)
+    assert alone.objective >= with_milp.bound * (1 - 1e-9)
+    assert alone.gap < 0.05
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,25 @@ end, started from the greedy placement where the back end takes a start, with th
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import scipy.sparse as sp
 
 from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.solvers.backends import BACKENDS, MilpModel
 from prism_plan.solvers.base import PlacementProblem, SolveResult, Solver, coverage_value, relative_gap
-from prism_plan.solvers.latency import SCALE, latency_milp, routing_from
+from prism_plan.solvers.backends.base import remaining_time
+from prism_plan.solvers.latency import MAX_ENUMERATED_SERVERS, SCALE, lagrangian, latency_milp, routing_from
 from prism_plan.solvers.flow import solve_flow
 
 # Relative gap under which a solution counts as proven optimal: the flow's only error is the rounding of
 # fractional weights; MILP bounds come from floating-point LPs.
 FLOW_TOLERANCE = 1e-9
 MILP_TOLERANCE = 1e-6
+# Past this many routing variables HiGHS' first LP alone outlasts a two-minute limit on two cores (measured:
+# Qwen3-30B shape on 8 servers has 393k); such problems get the Lagrangian decomposition only.
+MAX_ROUTING_VARIABLES = 150_000
 
 
 def proven_status(value: float, bound: float | None, tolerance: float, maximize: bool = True) -> str:
@@ -95,25 +101,42 @@ class ExactSolver(Solver):
         from prism_plan.solvers.greedy import GreedySolver
         from prism_plan.solvers.objectives import OBJECTIVES, latency_terms
 
+        began = time.perf_counter()
+        cost = lambda h, r=None: float(sum(latency_terms(problem, h, r)))  # noqa: E731
         starts = [GreedySolver(seed=self.seed)._solve(problem)[0]]
         if problem.uniform:
             starts.append(self._solve(problem)[0])
-        start = min(starts, key=lambda h: sum(latency_terms(problem, h)))
-        model, cells = latency_milp(problem, start if self.warm_start else None)
-        sol = BACKENDS[self.backend]().solve(model, self.time_limit)
-        best, routing = start, None
-        if sol.x is not None:
-            s, l, e = problem.shape
-            nx = s * l * e
-            hosted = sol.x[:nx].reshape(problem.shape) > 0.5
-            routing = routing_from(problem, cells, sol.x[nx:nx + len(cells) * s].reshape(len(cells), s), hosted)
-            if sum(latency_terms(problem, hosted, routing)) <= sum(latency_terms(problem, start)):
-                best = hosted
-            else:
-                routing = None
-        value = float(sum(latency_terms(problem, best, routing)))
-        bound = None if sol.bound is None else sol.bound / SCALE
+        bounds = []
+        if problem.shape[0] <= MAX_ENUMERATED_SERVERS:
+            bound, rounded = lagrangian(problem, min(cost(h) for h in starts))
+            bounds.append(bound)
+            starts += [] if rounded is None else [rounded]
+        best = min(starts, key=cost)
+        routing, status = None, "feasible"
+        if self.milp_fits(problem):
+            model, cells = latency_milp(problem, best if self.warm_start else None)
+            sol = BACKENDS[self.backend]().solve(model, remaining_time(self.time_limit, began))
+            if sol.bound is not None:
+                bounds.append(sol.bound / SCALE)
+            if sol.x is not None:
+                s, l, e = problem.shape
+                nx = s * l * e
+                hosted = sol.x[:nx].reshape(problem.shape) > 0.5
+                milp_routing = routing_from(problem, cells, sol.x[nx:nx + len(cells) * s].reshape(len(cells), s),
+                                            hosted)
+                if cost(hosted, milp_routing) <= cost(best):
+                    best, routing = hosted, milp_routing
+            status = "timeout" if sol.status == "timeout" and not bounds else "feasible"
+        value = cost(best, routing)
+        bound = max(bounds) if bounds else None
+        if status != "timeout":
+            status = proven_status(value, bound, MILP_TOLERANCE, maximize=False)
         obj = OBJECTIVES[objective]
-        status = proven_status(value, bound, MILP_TOLERANCE, maximize=False) if sol.status != "timeout" else "timeout"
         return SolveResult(best, self.name, status, value, bound, relative_gap(value, bound, maximize=False), 0.0,
                            objective, obj.measure, routing)
+
+    @staticmethod
+    def milp_fits(problem: PlacementProblem) -> bool:
+        """Whether the latency MILP is small enough to be worth handing to HiGHS (else the Lagrangian bound
+        and its rounded placement answer alone)."""
+        return int((problem.weight > 0).sum()) * problem.shape[0] <= MAX_ROUTING_VARIABLES

@@ -109,3 +109,83 @@ def routing_from(problem: PlacementProblem, cells: np.ndarray, yv: np.ndarray, h
     choice = np.argmax(np.where(hosted[:, cells[:, 1], cells[:, 2]].T, yv, -1.0), axis=1)
     routing[cells[:, 0], cells[:, 1], cells[:, 2]] = choice
     return routing
+
+
+# Lagrangian decomposition for clusters too large for the MILP: relaxing memory with multipliers mu (seconds
+# per byte) splits the model into one tiny facility-location problem per expert, solved by enumerating which
+# servers host it (2^servers - 1 subsets). The makespan term is bounded below by perfectly balanced compute.
+MAX_ENUMERATED_SERVERS = 12
+
+
+def _subsets(s_n: int) -> np.ndarray:
+    """[2^s_n - 1, s_n] bool: every non-empty set of servers; row i is the set with bit mask i + 1."""
+    masks = np.arange(1, 2**s_n)
+    return (masks[:, None] >> np.arange(s_n)[None, :]) & 1 == 1
+
+
+def lagrangian(problem: PlacementProblem, upper: float, iterations: int = 400):
+    """(bound, hosted): the best Lagrangian lower bound on the latency model found by subgradient steps, and a
+    memory-feasible placement rounded from the best multipliers (None when rounding fails).
+
+    upper: the value of any feasible placement (sets the step length). Seconds per token.
+    """
+    s_n, l_n, e_n = problem.shape
+    tokens = problem.tokens or 1.0
+    subsets = _subsets(s_n)
+    subsets = subsets[subsets.sum(axis=1) >= problem.min_replicas]
+    reach = np.where(subsets[:, None, :], problem.round_trip[None, :, :], np.inf).min(axis=2)  # [sets, homes]
+    service = problem.weight.transpose(1, 2, 0).reshape(l_n * e_n, s_n) @ reach.T / tokens  # [cells, sets]
+    size = np.repeat(problem.layer_bytes, e_n).astype(float)  # [cells]
+    budget = problem.budget.astype(float)
+    act = problem.act_seconds
+    speed = (1.0 / np.where(act > 0, act, np.inf)).sum()  # activations per second, all servers together
+    balanced = float(problem.weight.sum() / speed) / tokens if act.any() else 0.0
+    mu, best, best_mu = np.zeros(s_n), -np.inf, np.zeros(s_n)
+    for _ in range(iterations):
+        total = service + size[:, None] * (subsets @ mu)[None, :]
+        pick = np.argmin(total, axis=1)
+        value = float(total[np.arange(len(pick)), pick].sum() - mu @ budget) + balanced
+        if value > best:
+            best, best_mu = value, mu.copy()
+        grad = (size[:, None] * subsets[pick]).sum(axis=0) - budget
+        norm = float((grad**2).sum())
+        if norm == 0 or upper - value <= 1e-12 * abs(upper):
+            break
+        mu = np.maximum(0.0, mu + 0.5 * (upper - value) / norm * grad)
+    return best, _round(problem, subsets, service, size, best_mu)
+
+
+def _round(problem: PlacementProblem, subsets: np.ndarray, service: np.ndarray, size: np.ndarray,
+           mu: np.ndarray) -> np.ndarray | None:
+    """The multipliers' placement, made to fit: over-full servers drop the copies whose loss per byte is
+    smallest, then servers with room add the copies that save the most per byte."""
+    s_n, l_n, e_n = problem.shape
+    pick = np.argmin(service + size[:, None] * (subsets @ mu)[None, :], axis=1)
+    x = subsets[pick].copy()  # [cells, servers]
+    cells = np.arange(len(x))
+    lookup = np.full((len(x), 2**s_n), np.inf)  # service cost of each cell by the bit mask of its servers
+    lookup[:, (subsets * (1 << np.arange(s_n))).sum(axis=1)] = service
+    mask = (x * (1 << np.arange(s_n))).sum(axis=1)
+    for s in range(s_n):
+        bit = 1 << s
+        over = float(size @ x[:, s]) - problem.budget[s]
+        if over > 0:
+            can = x[:, s] & (x.sum(axis=1) > problem.min_replicas)
+            loss = np.where(can, (lookup[cells, mask & ~bit] - lookup[cells, mask]) / size, np.inf)
+            order = np.argsort(loss, kind="stable")
+            freed = np.cumsum(size[order])
+            drop = order[: int(np.searchsorted(freed, over)) + 1]
+            if not np.isfinite(loss[drop]).all():
+                return None
+            x[drop, s] = False
+            mask[drop] &= ~bit
+    for s in range(s_n):
+        bit = 1 << s
+        room = problem.budget[s] - float(size @ x[:, s])
+        gain = np.where(~x[:, s], (lookup[cells, mask] - lookup[cells, mask | bit]) / size, -np.inf)
+        order = np.argsort(-gain, kind="stable")
+        fits = np.cumsum(size[order]) <= room
+        add = order[fits & (gain[order] > 0)]
+        x[add, s] = True
+        mask[add] |= bit
+    return x.T.reshape(s_n, l_n, e_n)
