@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from prism_plan.cli import main
+from prism_plan.comparison import ROWS
 from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE
 
 
@@ -94,12 +95,13 @@ def test_quickstart_json_from_the_installed_package(tmp_path):
     res = subprocess.run([sys.executable, "-m", "prism_plan.cli", "quickstart", "--out", "qs", "--quiet", "--json"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    rows = {r["solver"]: r for r in json.loads(res.stdout)}
+    rows = {r["label"]: r for r in json.loads(res.stdout)}
     tmp_path = tmp_path / "qs"
-    assert set(rows) == {"exact", "greedy", "linear", "round-robin", "popularity", "eplb", "random"}
-    assert rows["exact"]["status"] == "optimal" and rows["exact"]["gap"] == 0.0
-    assert rows["greedy"]["below_optimum"] < 0.01
-    assert all(r["local_coverage"] <= rows["exact"]["local_coverage"] for r in rows.values())
+    assert list(rows) == [label for label, _, _ in ROWS]
+    assert rows["exact-coverage"]["status"] == "optimal" and rows["exact-coverage"]["gap"] == 0.0
+    assert rows["latency-MILP"]["status"] == "optimal"
+    best = min(r["mean_latency_s"] for r in rows.values())
+    assert best <= 0.7 * min(rows["linear"]["mean_latency_s"], rows["eplb"]["mean_latency_s"])
     assert (tmp_path / "plan.json").exists() and (tmp_path / "tables.npz").exists()
 
 
