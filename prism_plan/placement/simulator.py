@@ -174,9 +174,19 @@ def replay_layer(w: Workload, serve: np.ndarray, costs: CostModel) -> LayerRepla
     return LayerReplay(time_, trips, act, work.sum(axis=(0, 1)))
 
 
+def layer_serve(w: Workload, routing: np.ndarray, l: int) -> np.ndarray:
+    """[tokens, top_k] the server of each activation in layer index l. routing: [origins, layers, experts]."""
+    return routing[w.origin[:, None], l, w.experts[:, l, :]]
+
+
 def layer_objective(w: Workload, rep: LayerReplay) -> float:
     """This layer's share of the mean request latency (seconds): sum over steps of layer time, per request."""
     return float((w.pairs * rep.time).sum()) / max(w.num_requests, 1)
+
+
+def layer_traffic(w: Workload, rep: LayerReplay, costs: CostModel) -> float:
+    """This layer's network bytes per token: every trip out and back."""
+    return 2 * costs.token_bytes * float(rep.trips.sum()) / max(w.num_tokens, 1)
 
 
 @dataclass
@@ -257,7 +267,7 @@ def replay(w: Workload, routing: np.ndarray, costs: CostModel, quiet: bool = Tru
     link = np.zeros((s_n, s_n))
     acts, busy, local = np.zeros(s_n), np.zeros(s_n), 0.0
     for l in track(range(l_n), "simulating layers", total=l_n, quiet=quiet):
-        rep = replay_layer(w, routing[w.origin[:, None], l, w.experts[:, l, :]], costs)
+        rep = replay_layer(w, layer_serve(w, routing, l), costs)
         step_time += rep.time
         layer_seconds[l] = layer_objective(w, rep)
         per_origin = rep.trips.sum(axis=0) * costs.token_bytes  # [origins, servers]

@@ -86,17 +86,12 @@ def latency_milp(problem: PlacementProblem, start: np.ndarray | None = None) -> 
 
 def latency_start(problem: PlacementProblem, hosted: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """The MILP's variables for `hosted` with nearest-replica routing."""
-    from prism_plan.solvers.objectives import nearest_routing
+    from prism_plan.solvers.objectives import layer_makespan, nearest_routing
 
-    s_n, l_n, _ = problem.shape
     routing = nearest_routing(problem, hosted)
-    serve = routing[cells[:, 0], cells[:, 1], cells[:, 2]]
-    y = np.zeros((len(cells), s_n))
-    y[np.arange(len(cells)), serve] = 1.0
-    w = problem.weight[cells[:, 0], cells[:, 1], cells[:, 2]]
-    load = np.zeros((s_n, l_n))
-    np.add.at(load, (serve, cells[:, 1]), w)
-    z = (load * problem.act_seconds[:, None]).max(axis=0)
+    y = np.zeros((len(cells), problem.shape[0]))
+    y[np.arange(len(cells)), routing[cells[:, 0], cells[:, 1], cells[:, 2]]] = 1.0
+    z = layer_makespan(problem, routing)
     return np.concatenate([hosted.ravel().astype(float), y.ravel(), z])
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.metrics import route
-from prism_plan.placement.simulator import layer_objective, replay_layer
+from prism_plan.placement.simulator import layer_objective, layer_traffic, replay_layer
 from prism_plan.solvers.base import PlacementProblem, SolveResult, Solver, relative_gap
 from prism_plan.solvers.objectives import OBJECTIVES, SIMULATED_LATENCY
 
@@ -65,9 +65,7 @@ def _layer_cost(problem: PlacementProblem, hosted_l: np.ndarray, l: int, objecti
     w, costs = problem.workload, problem.costs
     routing = route(hosted_l[:, None, :], w.home, problem.hop_seconds)[:, 0, :]  # [origins, experts]
     rep = replay_layer(w, routing[w.origin[:, None], w.experts[:, l, :]], costs)
-    if objective == "latency":
-        return layer_objective(w, rep)
-    return 2 * costs.token_bytes * float(rep.trips.sum()) / max(w.num_tokens, 1)
+    return layer_objective(w, rep) if objective == "latency" else layer_traffic(w, rep, costs)
 
 
 def _candidates(problem: PlacementProblem, hosted_l: np.ndarray, l: int, s: int, m: int):

@@ -13,7 +13,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.metrics import route
-from prism_plan.placement.simulator import layer_objective, replay_layer
+from prism_plan.placement.simulator import layer_objective, layer_serve, layer_traffic, replay_layer
 from prism_plan.solvers.base import PlacementProblem, coverage_upper_bound, coverage_value
 
 
@@ -22,6 +22,15 @@ def nearest_routing(problem: PlacementProblem, hosted: np.ndarray, homes: np.nda
     it hosts the expert). homes: server indices (default: every server)."""
     homes = np.arange(problem.shape[0]) if homes is None else homes
     return route(hosted, homes, problem.hop_seconds)
+
+
+def layer_makespan(problem: PlacementProblem, routing: np.ndarray) -> np.ndarray:
+    """seconds: [layers], the busiest server's compute time per layer over the whole profile.
+    routing: [servers, layers, experts] serving server for each home server."""
+    s, l, _ = problem.shape
+    load = np.zeros((s, l))
+    np.add.at(load, (routing, np.broadcast_to(np.arange(l)[None, :, None], routing.shape)), problem.weight)
+    return (load * problem.act_seconds[:, None]).max(axis=0)
 
 
 def latency_terms(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None):
@@ -36,10 +45,7 @@ def latency_terms(problem: PlacementProblem, hosted: np.ndarray, routing: np.nda
     home = np.arange(s)[:, None, None]
     tokens = problem.tokens or 1.0
     network = float((problem.weight * problem.round_trip[home, routing]).sum()) / tokens
-    load = np.zeros((s, l))
-    np.add.at(load, (routing, np.broadcast_to(np.arange(l)[None, :, None], routing.shape)), problem.weight)
-    makespan = float((load * problem.act_seconds[:, None]).max(axis=0).sum()) / tokens
-    return network, makespan
+    return network, float(layer_makespan(problem, routing).sum()) / tokens
 
 
 def latency_value(problem: PlacementProblem, hosted: np.ndarray) -> float:
@@ -60,7 +66,7 @@ def replay_layers(problem: PlacementProblem, hosted: np.ndarray, layers=None):
     w, costs = _workload(problem, "simulated")
     routing = nearest_routing(problem, hosted, w.home)
     for l in range(problem.shape[1]) if layers is None else layers:
-        yield l, replay_layer(w, routing[w.origin[:, None], l, w.experts[:, l, :]], costs)
+        yield l, replay_layer(w, layer_serve(w, routing, l), costs)
 
 
 def simulated_value(problem: PlacementProblem, hosted: np.ndarray) -> float:
@@ -74,9 +80,8 @@ def simulated_lower_bound(problem: PlacementProblem) -> float:
     at home (at least their compute there) or some token goes out (at least one round trip and one expert)."""
     w, costs = _workload(problem, "latency")
     s_n = problem.shape[0]
-    tb = costs.token_bytes
-    trip = costs.latency + tb / costs.bandwidth + costs.latency.T + tb / costs.bandwidth.T
-    one_remote = np.where(np.eye(s_n, dtype=bool), np.inf, trip + problem.act_seconds[None, :]).min(axis=1)
+    one_remote = np.where(np.eye(s_n, dtype=bool), np.inf,
+                          problem.round_trip + problem.act_seconds[None, :]).min(axis=1)
     acts = np.bincount(w.step * len(w.origins) + w.origin, minlength=w.num_steps * len(w.origins))
     acts = acts.reshape(w.num_steps, len(w.origins)) * w.experts.shape[2]
     local = acts * problem.act_seconds[w.home][None, :]
@@ -88,8 +93,7 @@ def traffic_value(problem: PlacementProblem, hosted: np.ndarray) -> float:
     """Bytes per token crossing the network on replay: one trip out and back per token, layer and remote
     server it needs."""
     w, costs = _workload(problem, "traffic")
-    trips = sum(float(rep.trips.sum()) for _, rep in replay_layers(problem, hosted))
-    return 2 * costs.token_bytes * trips / max(w.num_tokens, 1)
+    return float(sum(layer_traffic(w, rep, costs) for _, rep in replay_layers(problem, hosted)))
 
 
 def traffic_lower_bound(problem: PlacementProblem) -> float:

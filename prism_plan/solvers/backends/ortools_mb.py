@@ -11,9 +11,11 @@ from prism_plan.solvers.backends.base import MilpBackend, MilpModel, MilpSolutio
 _INF = 1e30  # model_builder treats magnitudes >= 1e20 as infinite
 
 
-class _ModelBuilderBackend(MilpBackend):
-    solver_id = ""
-    parameters = ""
+class ScipBackend(MilpBackend):
+    """SCIP (bundled with OR-Tools), with a starting solution when one is given."""
+
+    name = "scip"
+    supports_hint = True
 
     def solve(self, model: MilpModel, time_limit: float | None) -> MilpSolution:
         from ortools.linear_solver.python import model_builder as mb
@@ -27,12 +29,10 @@ class _ModelBuilderBackend(MilpBackend):
         for i in np.flatnonzero(model.integer).tolist():
             helper.set_var_integrality(i, True)
         helper.set_maximize(model.maximize)
-        if model.hint is not None and self.supports_hint:
+        if model.hint is not None:
             for i, v in enumerate(np.asarray(model.hint, float).tolist()):
                 helper.add_hint(i, v)
-        solver = mbh.ModelSolverHelper(self.solver_id)
-        if self.parameters:
-            solver.set_solver_specific_parameters(self.parameters)
+        solver = mbh.ModelSolverHelper("scip")
         remaining = remaining_time(time_limit, start)
         if remaining is not None:
             solver.set_time_limit_in_seconds(remaining)
@@ -61,10 +61,3 @@ class _ModelBuilderBackend(MilpBackend):
             bound = None
         return MilpSolution(x, label, obj, bound, seconds)
 
-
-class ScipBackend(_ModelBuilderBackend):
-    """SCIP (bundled with OR-Tools), with a starting solution when one is given."""
-
-    name = "scip"
-    solver_id = "scip"
-    supports_hint = True
