@@ -76,11 +76,15 @@ class Plan:
         if cluster is not None:
             self.check_cluster(cluster)
 
-    def check_cluster(self, cluster: ClusterSpec) -> None:
-        """Raise PlanError when the plan is for other servers or does not fit their memory."""
+    def check_servers(self, cluster: ClusterSpec) -> None:
+        """Raise PlanError when the plan is for other servers than `cluster`'s."""
         if tuple(cluster.names) != tuple(self.servers):
             raise PlanError(f"plan is for servers {list(self.servers)} but the cluster has {cluster.names}; "
                             f"pass the cluster file the plan was made for")
+
+    def check_cluster(self, cluster: ClusterSpec) -> None:
+        """Raise PlanError when the plan is for other servers or does not fit their memory."""
+        self.check_servers(cluster)
         used = self.memory_bytes()
         over = used - cluster.budgets
         if (over > 0).any():

@@ -1,4 +1,7 @@
-"""Placement solvers behind one interface (`Solver.solve(problem) -> SolveResult`)."""
+"""Placement solvers behind one interface (`Solver.solve(problem) -> SolveResult`).
+
+SOLVERS plan from scratch; IncrementalSolver re-plans from a current placement (`prism-plan migrate`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from prism_plan.solvers.baselines import (EplbSolver, LinearSolver, PopularitySo
                                           RoundRobinSolver)
 from prism_plan.solvers.exact import ExactSolver
 from prism_plan.solvers.greedy import GreedySolver
+from prism_plan.solvers.incremental import IncrementalSolver
 from prism_plan.solvers.local_search import LocalSearchSolver
 
 SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (
@@ -21,4 +25,4 @@ def get_solver(name: str, time_limit: float | None = None, seed: int = 0, **opti
     return SOLVERS[name](time_limit=time_limit, seed=seed, **options)
 
 
-__all__ = ["SOLVERS", "PlacementProblem", "SolveResult", "Solver", "build_problem", "get_solver"]
+__all__ = ["SOLVERS", "IncrementalSolver", "PlacementProblem", "SolveResult", "Solver", "build_problem", "get_solver"]

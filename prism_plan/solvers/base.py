@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -153,7 +153,8 @@ class SolveResult:
     objective: the value of `hosted` under the objective, in the units `measure` names; bound: the best bound
     proven on the optimum (None when unknown); gap: |objective - bound| relative to the bound (maximising) or
     to the objective (minimising). routing: [servers, layers, experts] the server each home server's origins
-    use, when the solver chose it (else the nearest replica serves).
+    use, when the solver chose it (else the nearest replica serves). extra: solver-specific evidence (the
+    incremental solver's bytes copied and move cost).
     """
 
     hosted: np.ndarray
@@ -166,11 +167,12 @@ class SolveResult:
     objective_name: str = "coverage"
     measure: str = ""
     routing: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
 
     def evidence(self) -> dict:
         """The `solver` section of a plan file."""
         return {"name": self.solver, "status": self.status, "objective": self.objective, "bound": self.bound,
-                "gap": self.gap, "seconds": round(self.seconds, 6), "measure": self.measure}
+                "gap": self.gap, "seconds": round(self.seconds, 6), "measure": self.measure, **self.extra}
 
 
 def relative_gap(objective: float, bound: float | None, maximize: bool = True) -> float | None:
