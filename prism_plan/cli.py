@@ -64,24 +64,71 @@ def profile_import(fmt, src, model_spec, output, no_weights, quiet, as_json) -> 
 
 @profile.command("tables")
 @click.argument("trace", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Tables to write (.npz).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Tables to write (.npz); with --window, a folder for window-0000.npz, window-0001.npz, ...")
+@click.option("--window", type=click.IntRange(min=1), help="Cut the trace, in row order, into windows of this many "
+              "tokens (or requests, see --window-unit) and write tables per window.")
+@click.option("--window-unit", type=click.Choice(["tokens", "requests"]), default="tokens", show_default=True)
 @click.option("--no-pairs", is_flag=True, help="Skip co-activation and transition counts.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def profile_tables(trace, output, no_pairs, quiet, as_json) -> None:
-    """Count activations per origin, layer and expert (and expert pairs) in a trace."""
+def profile_tables(trace, output, window, window_unit, no_pairs, quiet, as_json) -> None:
+    """Count activations per origin, layer and expert (and expert pairs) in a trace, whole or per window."""
     from prism_plan.traces.tables import tables_from_trace
+    from prism_plan.traces.windows import window_tables
 
-    tables = tables_from_trace(trace, pairs=not no_pairs, quiet=quiet)
-    tables.save(output)
-    summary = {"path": str(output), "origins": list(tables.origins), "tokens": tables.tokens.tolist(),
-               "layers": len(tables.layers), "experts": tables.num_experts,
-               "activations": float(tables.freq.sum())}
+    if window is None:
+        tables = tables_from_trace(trace, pairs=not no_pairs, quiet=quiet)
+        tables.save(output)
+        written = [(output, tables)]
+    else:
+        if output.exists() and not output.is_dir():
+            raise PrismError(f"{output} is a file; with --window, -o names a folder for the window tables")
+        output.mkdir(parents=True, exist_ok=True)
+        written = []
+        for tables in window_tables(trace, window, window_unit, pairs=not no_pairs, quiet=quiet):
+            path = output / f"window-{tables.meta['window']['index']:04d}.npz"
+            tables.save(path)
+            written.append((path, tables))
+    summary = [{"path": str(path), "origins": list(t.origins), "tokens": t.tokens.tolist(), "layers": len(t.layers),
+                "experts": t.num_experts, "activations": float(t.freq.sum()), "window": t.meta.get("window")}
+               for path, t in written]
+    if as_json:
+        _echo_json(summary if window is not None else summary[0])
+        return
+    for path, t in written:
+        click.echo(f"wrote {path}: {int(t.tokens.sum())} tokens from {len(t.origins)} origins, "
+                   f"{len(t.layers)} layers x {t.num_experts} experts")
+
+
+@profile.command("drift")
+@click.argument("trace", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Trace to write (.parquet).")
+@click.option("--windows", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--window-tokens", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Tokens per stream and window.")
+@click.option("--shift", type=int, default=1, show_default=True,
+              help="Stream i drifts from origin i to origin i + shift over the windows.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def profile_drift(trace, output, windows, window_tokens, shift, seed, as_json) -> None:
+    """Build a drifting workload from a trace's origins (e.g. the ESFT domains): each stream's mix of domains
+    rotates to the next domain over the windows."""
+    from prism_plan.traces.drift import drifting_workload, rotation_mix
+    from prism_plan.traces.trace import Trace, read_trace, write_trace
+
+    source = read_trace(trace)
+    parts = drifting_workload(source, windows, window_tokens, rotation_mix(windows, len(source.origins), shift),
+                              seed)
+    write_trace(output, Trace.concat(parts))
+    size = window_tokens * len(source.origins)
+    summary = {"path": str(output), "windows": windows, "streams": list(source.origins),
+               "tokens": size * windows, "window": size}
     if as_json:
         _echo_json(summary)
     else:
-        click.echo(f"wrote {output}: {int(tables.tokens.sum())} tokens from {len(tables.origins)} origins, "
-                   f"{len(tables.layers)} layers x {tables.num_experts} experts")
+        click.echo(f"wrote {output}: {windows} windows x {len(source.origins)} streams x {window_tokens} tokens; "
+                   f"tables per window: prism-plan profile tables {output} --window {size} -o WINDOWS_DIR")
 
 
 def _solver_names() -> list[str]:

@@ -11,7 +11,7 @@ from prism_plan.placement.migration import MigrationPlan, plan_migration
 from prism_plan.placement.model import ModelSpec
 from prism_plan.placement.plan import Plan
 from prism_plan.solvers import IncrementalSolver, build_problem, get_solver
-from prism_plan.solvers.base import PlacementProblem, SolveResult, coverage_value, relative_gap
+from prism_plan.solvers.base import PlacementProblem, SolveResult, relative_gap
 from prism_plan.solvers.incremental import traffic_move_cost
 from prism_plan.traces.tables import ActivationTables
 
@@ -52,14 +52,14 @@ def solve_placement(tables: ActivationTables, cluster: ClusterSpec, model: Model
 
 def migrate_placement(plan: Plan, tables: ActivationTables, cluster: ClusterSpec, move_cost: float = 0.0,
                       budget_bytes: int | None = None, min_gain: float = 0.0, min_replicas: int | None = None,
-                      time_limit: float | None = None) -> tuple[Plan, MigrationPlan]:
+                      time_limit: float | None = None, objective: str = "coverage") -> tuple[Plan, MigrationPlan]:
     """Re-plan `plan` for the activations in `tables` and order the moves there.
 
-    move_cost: bytes copied count move_cost times as much as the remote-traffic bytes the new placement saves
-    over the tables' tokens (0: only prefer fewer moves among equally good placements). budget_bytes: most
-    bytes to copy (None: no limit). min_gain: keep the current placement (no moves) when the new one serves
-    less than this fraction more activations locally. min_replicas: default the plan's.
-    Raises a PrismError when the budget cannot reach a placement that fits, or the moves cannot be ordered.
+    objective: coverage or latency (the latency model's MILP). move_cost: bytes copied count move_cost times as
+    much as the remote-traffic bytes the new placement saves over the tables' tokens (0: only prefer fewer moves
+    among equally good placements). budget_bytes: most bytes to copy (None: no limit). min_gain: keep the current
+    placement (no moves) unless the new one improves the objective by this fraction. min_replicas: default the
+    plan's. Raises a PrismError when the budget cannot reach a placement that fits, or the moves cannot be ordered.
     """
     plan.check_servers(cluster)
     model = plan.model
@@ -67,17 +67,18 @@ def migrate_placement(plan: Plan, tables: ActivationTables, cluster: ClusterSpec
     problem = build_problem(tables, cluster, model, r)
     current = plan.hosted
     solver = IncrementalSolver(time_limit=time_limit, current=current, budget_bytes=budget_bytes,
-                               move_cost=traffic_move_cost(problem, move_cost))
-    result = solver.solve(problem)
-    now = coverage_value(problem, current)
-    gain = (result.extra["coverage"] - now) / max(abs(now), 1e-300)
+                               move_cost=traffic_move_cost(problem, move_cost, objective))
+    result = solver.solve(problem, objective)
+    now = solver.gross(problem, current, objective)
+    new_value = result.extra["objective_without_moves"]
+    gain = (new_value - now if objective == "coverage" else now - new_value) / max(abs(now), 1e-300)
     fits = (memory_used(current, model.layer_bytes) <= cluster.budgets).all() and current.sum(axis=0).min() >= r
     migrate = not fits or gain >= min_gain
     if not migrate:  # the solver's bound still says how far the kept placement is from the best one
-        result = replace(result, hosted=current.copy(), status="feasible", objective=now,
-                         gap=relative_gap(now, result.bound), extra={**result.extra, "copied_bytes": 0,
-                                                                      "coverage": now})
-    result.extra.update({"migrated": migrate, "predicted_gain": gain, "min_gain": min_gain,
+        result = replace(result, hosted=current.copy(), routing=None, status="feasible", objective=now,
+                         gap=relative_gap(now, result.bound, objective == "coverage"),
+                         extra={**result.extra, "copied_bytes": 0, "objective_without_moves": now})
+    result.extra.update({"migrated": bool(migrate), "predicted_gain": gain, "min_gain": min_gain,
                          "move_cost": move_cost})
     new = make_plan(tables, cluster, model, problem, result)
     new.inputs["from_plan_sha256"] = plan.sha256()

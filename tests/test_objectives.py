@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -11,38 +10,20 @@ import pytest
 from prism_plan.cli import main
 from prism_plan.errors import PrismError
 from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE, make_plan
-from prism_plan.placement.simulator import CostModel, simulate
+from prism_plan.placement.simulator import simulate
 from prism_plan.solvers import build_problem, get_solver
-from prism_plan.solvers.base import PlacementProblem
 from prism_plan.solvers.latency import lagrangian
 from prism_plan.solvers.objectives import (latency_terms, simulated_lower_bound, simulated_value, traffic_lower_bound,
                                            traffic_value)
 from prism_plan.traces.tables import build_tables
 from prism_plan.traces.trace import read_trace
-
-
-def small_latency_problem(seed: int) -> PlacementProblem:
-    """3 servers, 2 layers x 2 experts, random demand and links; compute so fast the makespan vanishes, which
-    makes nearest-replica routing optimal and brute force over placements exact."""
-    rng = np.random.default_rng(seed)
-    lat = rng.uniform(1e-4, 2e-3, (3, 3))
-    lat = np.triu(lat, 1) + np.triu(lat, 1).T
-    bw = np.full((3, 3), 1e9)
-    np.fill_diagonal(bw, np.inf)
-    costs = CostModel(lat, bw, np.full(3, 1e30), 4096, 1)
-    return PlacementProblem(rng.integers(0, 50, (3, 2, 2)).astype(float), np.array([10, 10]),
-                            np.array([20, 10, 10]), lat + 4096 / bw, 1, ("a", "b", "c"), costs, 100.0)
+from tiny import feasible_placements, small_latency_problem
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_latency_milp_matches_brute_force(seed):
     problem = small_latency_problem(seed)
-    best = np.inf
-    for bits in itertools.product([False, True], repeat=12):
-        hosted = np.array(bits).reshape(3, 2, 2)
-        if (hosted.sum(axis=0) < 1).any() or ((hosted.sum(axis=(1, 2)) * 10) > problem.budget).any():
-            continue
-        best = min(best, sum(latency_terms(problem, hosted)))
+    best = min(sum(latency_terms(problem, hosted)) for hosted in feasible_placements(problem))
     res = get_solver("exact", time_limit=30).solve(problem, "latency")
     assert res.status == "optimal"
     assert res.objective == pytest.approx(best, rel=1e-6)

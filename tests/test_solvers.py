@@ -1,9 +1,6 @@
-import itertools
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.pipeline import BUNDLED_TRACE, solve_placement
@@ -12,9 +9,9 @@ from prism_plan.solvers import SOLVERS, get_solver
 
 COVERAGE_SOLVERS = [name for name in SOLVERS if name != "local-search"]  # it improves latency or traffic only
 from prism_plan.solvers.base import PlacementProblem, build_problem, coverage_upper_bound
-from prism_plan.solvers.exact import coverage_milp
 from prism_plan.traces.tables import build_tables
 from prism_plan.traces.trace import read_trace
+from tiny import feasible_placements, tiny_problems
 
 ONE_COPY_GIB = 26 * 64 * 17301504 / GIB  # DeepSeek-V2-Lite, every routed expert once
 
@@ -76,30 +73,7 @@ def test_exact_is_optimal_and_greedy_close_on_esft(n_servers, seed, dsv2):
 
 
 def brute_force(problem: PlacementProblem) -> float:
-    s, l, e = problem.shape
-    best = -1.0
-    size = np.broadcast_to(problem.layer_bytes[None, :, None], problem.shape)
-    for bits in itertools.product((0, 1), repeat=s * l * e):
-        x = np.array(bits, bool).reshape(problem.shape)
-        if (x.sum(0) >= problem.min_replicas).all() and ((x * size).sum(axis=(1, 2)) <= problem.budget).all():
-            best = max(best, float((problem.weight * x).sum()))
-    return best
-
-
-@st.composite
-def tiny_problems(draw, uniform: bool):
-    s = draw(st.integers(2, 3))
-    l = draw(st.integers(1, 2))
-    e = draw(st.integers(2, 3))
-    r = draw(st.integers(1, 2))
-    weight = np.array(draw(st.lists(st.integers(0, 20), min_size=s * l * e, max_size=s * l * e)), float)
-    sizes = np.array([3] * l if uniform else draw(st.lists(st.integers(1, 4), min_size=l, max_size=l)))
-    need = r * e * sizes.sum()
-    budget = np.array(draw(st.lists(st.integers(0, int(need)), min_size=s, max_size=s)))
-    if (np.minimum(budget, e * sizes.sum()).sum() < need) or (uniform and np.minimum(budget // 3, l * e).sum() < r * l * e):
-        budget = budget + need  # keep it feasible
-    return PlacementProblem(weight.reshape(s, l, e), sizes.astype(np.int64), budget.astype(np.int64),
-                            np.zeros((s, s)), r, tuple(f"s{i}" for i in range(s)))
+    return max((float((problem.weight * x).sum()) for x in feasible_placements(problem)), default=-1.0)
 
 
 @settings(max_examples=60, deadline=None)

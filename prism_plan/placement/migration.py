@@ -21,13 +21,13 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.fileio import read_user_text, write_text_atomic
-from prism_plan.placement.cluster import GIB, ClusterSpec
+from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec
+from prism_plan.units import human_bytes
 
 FORMAT = "prism-plan/moves"
 VERSION = 1
-MIB = 2**20
 
 
 class MigrationError(PrismError):
@@ -335,19 +335,11 @@ class _Planner:
         if room.any():
             return self._park(np.argwhere(room)[np.argmin(self.size[np.nonzero(room)[1]])])
         waiting = ", ".join(n for n, w in zip(self.names, np.isfinite(incoming)) if w)
-        room = ", ".join(f"{n} {_human(f)}" for n, f in zip(self.names, free))
+        room = ", ".join(f"{n} {human_bytes(f)}" for n, f in zip(self.names, free))
         raise MigrationError(
             f"cannot order the moves: the servers waiting for an expert ({waiting}) lack room for it, every expert they "
             f"must give up has no copy to spare (min_replicas={self.r}), and no server lacking one has room to park "
             f"it (free: {room}); give a server room for one more expert or lower --min-replicas")
-
-
-def _human(n: float) -> str:
-    """Bytes as B, KiB, MiB or GiB."""
-    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def plan_migration(old: np.ndarray, new: np.ndarray, cluster: ClusterSpec, model: ModelSpec,
@@ -435,7 +427,7 @@ def verify_migration(plan: MigrationPlan, old: np.ndarray, new: np.ndarray, clus
         if over.any():
             i = int(np.argmax(over))
             raise MigrationError(f"stage {k}: copies land on {names[i]!r} without room: it would hold "
-                                 f"{after[i] / GIB:.3f} GiB of {budget[i] / GIB:.3f} GiB")
+                                 f"{human_bytes(after[i])} of {human_bytes(budget[i])}")
         state[dst, l, e] = True
     diff = np.argwhere(state != new)
     if len(diff):

@@ -177,11 +177,12 @@ class SolveResult:
 
 def relative_gap(objective: float, bound: float | None, maximize: bool = True) -> float | None:
     """How far `objective` may be from the optimum given `bound`: (bound - objective) / |bound| when
-    maximising, (objective - bound) / |objective| when minimising; 0 when both are 0, None without a bound."""
+    maximising, (objective - bound) / |objective| when minimising; 0 when they differ by under 1e-9 (absolute:
+    the rounding of scaled weights, near a zero objective), None without a bound."""
     if bound is None:
         return None
     scale = abs(bound) if maximize else abs(objective)
-    if scale < 1e-12:
+    if scale < 1e-12 or abs(bound - objective) <= 1e-9:
         return 0.0
     return max(0.0, ((bound - objective) if maximize else (objective - bound)) / scale)
 

@@ -12,7 +12,7 @@ import numpy as np
 from prism_plan.errors import InfeasibleError
 
 from prism_plan.solvers.base import PlacementProblem, Solver
-from prism_plan.solvers.greedy import repair_coverage, top_per_layer
+from prism_plan.solvers.greedy import repair_coverage
 
 
 def layer_slots(problem: PlacementProblem) -> np.ndarray:

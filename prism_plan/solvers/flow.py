@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from prism_plan.errors import InfeasibleError
-from prism_plan.solvers.base import PlacementProblem
 
 # Integer cost scale for fractional weights: the largest weight becomes 2**40, well inside the cost range
 # OR-Tools accepts for graphs of up to ~10**6 nodes.

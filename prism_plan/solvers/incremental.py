@@ -1,13 +1,18 @@
 """`incremental`: re-solve from the current placement, paying for what has to move.
 
-    maximise  coverage(x) - move_cost * copied(x)      subject to  copied(x) <= budget  (when given)
+    coverage:  maximise  coverage(x) - move_cost * copied(x)
+    latency:   minimise  latency(x, y) + move_cost * copied(x)       (the latency MILP's model)
+    both:      subject to  copied(x) <= budget  when a budget is given
     copied(x) = sum_{s,l,e} bytes[l] * x[s,l,e] * (1 - current[s,l,e])   (bytes that must arrive somewhere new)
 
-The move cost is linear in x, so with equal expert sizes it enters the min-cost flow's weights and the result
-is exact, like the `exact` solver's (fractional weights are scaled to integers: proven within 1e-6); among
-equally good placements the flow keeps the most of the current one.
-A budget is one more row: Lagrange multipliers on it (a bisection over flows) give a feasible placement and a
-bound, and the coverage MILP with the row closes what gap remains. Sizes that differ: the MILP alone.
+The move cost is linear in x. Coverage with equal expert sizes: it enters the min-cost flow's weights and the
+result is exact, like the `exact` solver's (fractional weights are scaled to integers: proven within 1e-6);
+among equally good placements the flow keeps the most of the current one (the MILPs below do not break ties
+that way: a move cost does). A budget is one more row: Lagrange
+multipliers on it (a bisection over flows) give a feasible placement and a bound, and the coverage MILP with
+the row closes what gap remains. Sizes that differ: that MILP alone. Latency: the latency MILP with the move
+cost on x and the budget row, started from the current placement (or the coverage answer when the current one
+no longer fits), with HiGHS' bound and gap.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ import scipy.sparse as sp
 
 from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.placement.cluster import GIB
-from prism_plan.solvers.backends import BACKENDS
+from prism_plan.solvers.backends import BACKENDS, MilpModel
 from prism_plan.solvers.backends.base import remaining_time
 from prism_plan.solvers.base import PlacementProblem, SolveResult, Solver, coverage_value, relative_gap
-from prism_plan.solvers.exact import MILP_TOLERANCE, coverage_milp, proven_status
+from prism_plan.solvers.exact import MILP_TOLERANCE, ExactSolver, coverage_milp, proven_status
 from prism_plan.solvers.flow import solve_flow
+from prism_plan.solvers.latency import SCALE, latency_milp, routing_from
+from prism_plan.solvers.objectives import latency_terms
+from prism_plan.units import human_bytes
 
 # Bisection steps on the budget's multiplier; each is one flow (milliseconds at ESFT scale).
 BISECTION_STEPS = 40
-# The budgeted MILP is handed to HiGHS only up to this many placement variables.
+# The budgeted coverage MILP is handed to HiGHS only up to this many placement variables.
 MAX_MILP_VARIABLES = 250_000
 
 
@@ -37,22 +45,38 @@ def copied_bytes(current: np.ndarray, hosted: np.ndarray, layer_bytes: np.ndarra
     return int(((hosted & ~current).sum(axis=(0, 2)) * layer_bytes).sum())
 
 
-def traffic_move_cost(problem: PlacementProblem, weight: float = 1.0) -> float:
-    """Coverage units (activations) per byte copied such that moving `weight` bytes costs as much as one byte of
-    remote traffic saved over the tables' tokens: a remote activation sends 2 x token_bytes."""
+def traffic_move_cost(problem: PlacementProblem, weight: float = 1.0, objective: str = "coverage") -> float:
+    """Objective units per byte copied such that copying `weight` bytes costs as much as saving one byte of
+    remote traffic over the tables' tokens. A remote activation sends 2 x token_bytes and is worth one
+    activation (coverage) or one mean round trip spread over the tokens (latency, seconds per token)."""
     token_bytes = problem.costs.token_bytes if problem.costs is not None else 1
-    return weight / (2.0 * token_bytes)
+    per_activation = 1.0
+    if objective == "latency":
+        s = problem.shape[0]
+        rtt = problem.round_trip[~np.eye(s, dtype=bool)]
+        per_activation = float(rtt.mean()) / (problem.tokens or 1.0) if len(rtt) else 0.0
+    return weight * per_activation / (2.0 * token_bytes)
+
+
+def _with_budget_row(model: MilpModel, row: np.ndarray, budget: float) -> None:
+    """Append `row @ x <= budget` ([vars] row, zero past its length)."""
+    full = np.zeros(model.A.shape[1])
+    full[:len(row)] = row
+    model.A = sp.vstack([model.A, sp.csr_matrix(full[None, :])], format="csr")
+    model.row_lb = np.append(model.row_lb, -np.inf)
+    model.row_ub = np.append(model.row_ub, budget)
 
 
 class IncrementalSolver(Solver):
-    """Coverage minus a per-byte move cost from a current placement, optionally under a move budget."""
+    """The objective net of a per-byte move cost from a current placement, optionally under a move budget."""
 
     name = "incremental"
-    objectives = ("coverage",)
-    summary = "re-solve from the current plan: coverage minus move cost, under a move budget; exact flow/MILP"
+    objectives = ("coverage", "latency")
+    summary = "re-solve from the current plan: objective net of move cost, under a move budget; flow/MILP"
 
     def __init__(self, time_limit: float | None = None, seed: int = 0, current: np.ndarray | None = None,
                  move_cost: float = 0.0, budget_bytes: int | None = None, backend: str = "highs") -> None:
+        """move_cost: objective units per byte copied (see traffic_move_cost); budget_bytes: most bytes to copy."""
         super().__init__(time_limit, seed)
         if current is None:
             raise PrismError("the incremental solver needs the current placement (current=hosted array)")
@@ -64,30 +88,54 @@ class IncrementalSolver(Solver):
         self.backend = backend
 
     def solve(self, problem: PlacementProblem, objective: str = "coverage") -> SolveResult:
-        """The placement with the best coverage net of move cost, with its bound, gap and bytes copied."""
+        """The placement with the best objective net of move cost, with its bound, gap and bytes copied;
+        extra["objective_without_moves"] holds the objective itself."""
         if objective not in self.objectives:
-            raise PrismError(f"the incremental re-solver optimises coverage (net of move cost), not {objective!r}")
+            raise PrismError(f"the incremental re-solver optimises {' or '.join(self.objectives)}, not {objective!r}")
         if self.current.shape != problem.shape:
             raise PrismError(f"current placement has shape {list(self.current.shape)}, the problem "
                              f"{list(problem.shape)}")
         start = time.perf_counter()
-        hosted, status, bound = self._solve(problem)
-        value = self.net(problem, hosted)
-        moved = copied_bytes(self.current, hosted, problem.layer_bytes)
-        return SolveResult(hosted, self.name, status, value, bound, relative_gap(value, bound),
-                           time.perf_counter() - start, "coverage",
-                           "activations served at their origin's server, minus move cost x bytes copied",
-                           extra={"copied_bytes": moved, "move_cost_per_byte": self.move_cost,
-                                  "budget_bytes": self.budget_bytes,
-                                  "coverage": coverage_value(problem, hosted)})
+        routing = None
+        if objective == "coverage":
+            hosted, status, bound = self._solve(problem)
+        else:
+            hosted, routing, status, bound = self._solve_latency(problem, start)
+        gross = self.gross(problem, hosted, objective, routing)
+        maximize = objective == "coverage"
+        value = self.net(problem, hosted, objective, routing)
+        measure = ("activations served at their origin's server, minus" if maximize else
+                   "expected MoE seconds per token (latency model), plus") + " move cost x bytes copied"
+        return SolveResult(hosted, self.name, status, value, bound, relative_gap(value, bound, maximize),
+                           time.perf_counter() - start, objective, measure, routing,
+                           extra={"copied_bytes": copied_bytes(self.current, hosted, problem.layer_bytes),
+                                  "move_cost_per_byte": self.move_cost, "budget_bytes": self.budget_bytes,
+                                  "objective_without_moves": gross})
 
-    def net(self, problem: PlacementProblem, hosted: np.ndarray) -> float:
-        return coverage_value(problem, hosted) - self.move_cost * copied_bytes(self.current, hosted,
-                                                                                problem.layer_bytes)
+    @staticmethod
+    def gross(problem: PlacementProblem, hosted: np.ndarray, objective: str, routing=None) -> float:
+        """The objective without move cost (routing: the latency model's, default nearest replica)."""
+        if objective == "coverage":
+            return coverage_value(problem, hosted)
+        return float(sum(latency_terms(problem, hosted, routing)))
+
+    def net(self, problem: PlacementProblem, hosted: np.ndarray, objective: str = "coverage", routing=None) -> float:
+        cost = self.move_cost * copied_bytes(self.current, hosted, problem.layer_bytes)
+        gross = self.gross(problem, hosted, objective, routing)
+        return gross - cost if objective == "coverage" else gross + cost
 
     def _copy_bytes(self, problem: PlacementProblem) -> np.ndarray:
         """bytes: [servers, layers, experts], what hosting each cell costs to copy (0 where it is already)."""
         return np.where(self.current, 0, problem.layer_bytes[None, :, None]).astype(float)
+
+    def _within_budget(self, problem: PlacementProblem, hosted: np.ndarray) -> bool:
+        return self.budget_bytes is None or copied_bytes(self.current, hosted, problem.layer_bytes) <= self.budget_bytes
+
+    def _fits(self, problem: PlacementProblem, hosted: np.ndarray) -> bool:
+        used = (hosted.sum(axis=2) * problem.layer_bytes[None, :]).sum(axis=1)
+        return bool((used <= problem.budget).all() and hosted.sum(axis=0).min() >= problem.min_replicas)
+
+    # coverage
 
     def _flow(self, problem: PlacementProblem, per_byte: float) -> tuple[np.ndarray, float]:
         """(hosted, slack): the exact optimum of coverage - per_byte * copied, fewest copies among ties."""
@@ -109,7 +157,7 @@ class IncrementalSolver(Solver):
                 return hosted, "optimal", bound
         else:
             hosted, bound = None, None
-        return self._milp(problem, hosted, bound, remaining_time(self.time_limit, began))
+        return self._coverage_milp(problem, hosted, bound, remaining_time(self.time_limit, began))
 
     def _lagrangian(self, problem: PlacementProblem) -> tuple[np.ndarray, float]:
         """(best placement within the budget, bound): bisection on the budget's multiplier lam; every flow
@@ -131,35 +179,31 @@ class IncrementalSolver(Solver):
                     break  # the budget does not bind: the unconstrained optimum is the answer
                 hi = lam
             elif i == 1:
-                raise self._too_small(problem, moved)
+                raise self._too_small(moved)
             else:
                 lo = lam
         return best, bound
 
-    def _too_small(self, problem: PlacementProblem, needed: int) -> InfeasibleError:
-        return InfeasibleError(f"move budget {self.budget_bytes / GIB:.3f} GiB is too small: any placement that "
-                               f"fits the cluster needs at least {needed / GIB:.3f} GiB copied from the current "
-                               f"one; raise --budget-gib to {needed / GIB:.3f} or more")
+    def _too_small(self, needed: int) -> InfeasibleError:
+        return InfeasibleError(f"move budget {human_bytes(self.budget_bytes)} is too small: any placement that fits "
+                               f"the cluster needs at least {human_bytes(needed)} copied from the current one; raise "
+                               f"--budget-gib to {needed / GIB:.3f} or more")
 
-    def _milp(self, problem: PlacementProblem, start: np.ndarray | None, bound: float | None,
-              time_limit: float | None):
+    def _coverage_milp(self, problem: PlacementProblem, start: np.ndarray | None, bound: float | None,
+                       time_limit: float | None):
         """Coverage MILP with the move cost in its objective and the budget as a row, started from `start`."""
-        copy_bytes = self._copy_bytes(problem)
         if problem.weight.size > MAX_MILP_VARIABLES:
             if start is None:
                 raise PrismError(f"the move-budget MILP has {problem.weight.size} variables, more than "
                                  f"{MAX_MILP_VARIABLES}; drop --budget-gib and use a move cost")
             return start, "feasible", bound
-        ties = 1.0 / (problem.weight.size + 1.0)  # less than one activation over all cells: keeps, among ties
-        model = coverage_milp(replace(problem, weight=problem.weight - self.move_cost * copy_bytes
-                                      - ties * ~self.current), start)
+        copy_bytes = self._copy_bytes(problem)
+        model = coverage_milp(replace(problem, weight=problem.weight - self.move_cost * copy_bytes), start)
         if self.budget_bytes is not None:
-            model.A = sp.vstack([model.A, sp.csr_matrix(copy_bytes.reshape(1, -1))], format="csr")
-            model.row_lb = np.append(model.row_lb, -np.inf)
-            model.row_ub = np.append(model.row_ub, float(self.budget_bytes))
+            _with_budget_row(model, copy_bytes.ravel(), float(self.budget_bytes))
         sol = BACKENDS[self.backend]().solve(model, time_limit)
         if sol.status == "infeasible":
-            raise self._too_small(problem, self._fewest_bytes(problem))
+            raise self._too_small(self._fewest_bytes(problem))
         if sol.x is None:
             if start is None:
                 raise PrismError(f"the move-budget MILP found no placement within {time_limit} s; raise "
@@ -168,16 +212,44 @@ class IncrementalSolver(Solver):
         hosted = sol.x.reshape(problem.shape) > 0.5
         if start is not None and self.net(problem, start) >= self.net(problem, hosted):
             hosted = start
-        milp_bound = None if sol.bound is None else sol.bound + ties * problem.weight.size
-        bounds = [b for b in (bound, milp_bound) if b is not None]
+        bounds = [b for b in (bound, sol.bound) if b is not None]
         bound = min(bounds) if bounds else None
         return hosted, proven_status(self.net(problem, hosted), bound, MILP_TOLERANCE), bound
 
     def _fewest_bytes(self, problem: PlacementProblem) -> int:
         """Bytes the cheapest feasible placement copies (for the error message when a budget is too small)."""
-        copy_bytes = self._copy_bytes(problem)
-        model = coverage_milp(replace(problem, weight=-copy_bytes))
+        model = coverage_milp(replace(problem, weight=-self._copy_bytes(problem)))
         sol = BACKENDS[self.backend]().solve(model, 60.0)
         if sol.x is None:
             return int(self.budget_bytes) + 1
         return copied_bytes(self.current, sol.x.reshape(problem.shape) > 0.5, problem.layer_bytes)
+
+    # latency
+
+    def _solve_latency(self, problem: PlacementProblem, began: float):
+        """(hosted, routing, status, bound) of the latency MILP with move cost and budget."""
+        if not ExactSolver.milp_fits(problem):
+            raise PrismError("this problem is too large for the incremental latency MILP; migrate with "
+                             "--objective coverage")
+        start = self.current
+        if not (self._fits(problem, start) and self._within_budget(problem, start)):
+            start = IncrementalSolver(current=self.current, budget_bytes=self.budget_bytes)._solve(problem)[0]
+        model, cells = latency_milp(problem, start)
+        s_n, l_n, e_n = problem.shape
+        nx = s_n * l_n * e_n
+        model.c[:nx] += SCALE * self.move_cost * self._copy_bytes(problem).ravel()
+        if self.budget_bytes is not None:
+            _with_budget_row(model, self._copy_bytes(problem).ravel(), float(self.budget_bytes))
+        sol = BACKENDS[self.backend]().solve(model, remaining_time(self.time_limit, began))
+        best, routing = start, None
+        if sol.x is not None:
+            hosted = sol.x[:nx].reshape(problem.shape) > 0.5
+            milp_routing = routing_from(problem, cells, sol.x[nx:nx + len(cells) * s_n].reshape(len(cells), s_n),
+                                        hosted)
+            if self.net(problem, hosted, "latency", milp_routing) <= self.net(problem, start, "latency"):
+                best, routing = hosted, milp_routing
+        bound = None if sol.bound is None else sol.bound / SCALE
+        value = self.net(problem, best, "latency", routing)
+        status = "timeout" if sol.status == "timeout" and bound is None else \
+            proven_status(value, bound, MILP_TOLERANCE, maximize=False)
+        return best, routing, status, bound

@@ -135,7 +135,7 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
             freq = np.concatenate([freq, np.zeros((grow,) + freq.shape[1:])])
             tokens = np.concatenate([tokens, np.zeros(grow, np.int64)])
             origins = t.origins
-        l, k, e = len(meta.layers), meta.top_k, meta.num_experts
+        l, e = len(meta.layers), meta.num_experts
         o = len(origins)
         idx = ((t.origin.astype(np.int64)[:, None, None] * l + np.arange(l)[None, :, None]) * e + t.experts)
         freq += np.bincount(idx.ravel(), minlength=o * l * e).reshape(o, l, e)

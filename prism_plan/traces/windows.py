@@ -1,0 +1,71 @@
+"""Windows of a trace in arrival order (the order of its rows), and the activation tables of each, so drift can
+be studied: how the hot experts of each origin change from one window to the next.
+
+A window holds `size` tokens, or `size` requests: it ends where the (size + 1)-th request begins (a request's
+later tokens that arrive after that count in the window they arrive in).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from prism_plan.errors import PrismError
+from prism_plan.progress import track
+from prism_plan.traces.tables import ActivationTables, build_tables
+from prism_plan.traces.trace import Trace, iter_trace
+
+UNITS = ("tokens", "requests")
+
+
+def _request_starts(t: Trace, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in `t` where a request not in `seen` begins, `seen` grown by them). Requests are keyed by
+    (origin index, request id)."""
+    keys = (t.origin.astype(np.int64) << 40) | (t.request.astype(np.int64) & ((1 << 40) - 1))
+    uniq, first = np.unique(keys, return_index=True)
+    fresh = ~np.isin(uniq, seen, assume_unique=True)
+    return np.sort(first[fresh]), np.union1d(seen, uniq)
+
+
+def iter_windows(batches: Iterable[Trace], size: int, unit: str = "tokens") -> Iterator[Trace]:
+    """Cut a stream of trace batches into consecutive windows of `size` tokens or requests; yields one Trace
+    per window (the last may be smaller). Memory: one window at a time."""
+    if unit not in UNITS:
+        raise PrismError(f"window unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    if size < 1:
+        raise PrismError(f"window size must be at least 1 {unit}, got {size}")
+    parts: list[Trace] = []
+    filled = 0  # tokens or requests in the open window
+    seen = np.zeros(0, np.int64)
+    for t in batches:
+        if unit == "tokens":
+            marks = np.arange(t.num_tokens)  # every token counts one
+        else:
+            marks, seen = _request_starts(t, seen)
+        # cut at the mark that would be the (size + 1)-th of the open window, and every size marks after it
+        at = np.arange(size - filled, len(marks), size)
+        begin = 0
+        for c in marks[at]:
+            if c > begin:
+                parts.append(t.select(slice(begin, c)))
+            yield Trace.concat(parts)
+            parts, begin = [], c
+        filled = filled + len(marks) if not len(at) else len(marks) - int(at[-1])
+        if begin < t.num_tokens:
+            parts.append(t.select(slice(begin, t.num_tokens)))
+    if parts and sum(p.num_tokens for p in parts):
+        yield Trace.concat(parts)
+
+
+def window_tables(path: str | Path, size: int, unit: str = "tokens", pairs: bool = True,
+                  quiet: bool = True) -> Iterator[ActivationTables]:
+    """ActivationTables of each window of a trace file, in order; each carries meta["window"] with its index,
+    unit, size, first token (0-based row) and token count."""
+    first = 0
+    stream = track(iter_trace(path), "counting activations per window", quiet=quiet)
+    for i, w in enumerate(iter_windows(stream, size, unit)):
+        yield build_tables([w], pairs=pairs, window={"index": i, "unit": unit, "size": size, "first_token": first,
+                                                    "tokens": w.num_tokens})
+        first += w.num_tokens
