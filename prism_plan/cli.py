@@ -199,20 +199,22 @@ def solve(tables_path, cluster_path, model_spec, objective, solver, trace_path, 
 @click.option("--tables", "tables_path", type=click.Path(path_type=Path), required=True,
               help="Tables of the new traffic (.npz).")
 @click.option("--cluster", "cluster_path", type=click.Path(path_type=Path), required=True, help="Cluster TOML.")
+@click.option("--objective", type=click.Choice(["coverage", "latency"]), default="coverage", show_default=True,
+              help="coverage: local activations (exact flow); latency: the latency model's MILP.")
 @click.option("--budget-gib", type=click.FloatRange(min=0), help="Most GiB of experts to copy (default: no limit).")
 @click.option("--move-cost", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of a byte copied against a byte of remote traffic saved over the new tables' tokens "
                    "(0: any gain pays; among equal placements the fewest moves).")
 @click.option("--min-gain", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Keep the current placement unless the new one serves this fraction more activations locally.")
+              help="Keep the current placement unless the new one improves the objective by this fraction.")
 @click.option("--min-replicas", type=click.IntRange(min=1), help="Copies every expert keeps (default: the plan's).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Seconds for the MILP.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="New plan to write (.json).")
 @click.option("--moves", "moves_path", type=click.Path(path_type=Path), required=True,
               help="Moves to write (.json): stages of copies and evictions.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def migrate(plan_path, tables_path, cluster_path, budget_gib, move_cost, min_gain, min_replicas, time_limit, output,
-            moves_path, as_json) -> None:
+def migrate(plan_path, tables_path, cluster_path, objective, budget_gib, move_cost, min_gain, min_replicas, time_limit,
+            output, moves_path, as_json) -> None:
     """Re-plan for new traffic from the current plan, moving only what pays, and write the ordered moves."""
     from prism_plan.pipeline import migrate_placement
     from prism_plan.placement.cluster import GIB, load_cluster
@@ -222,7 +224,7 @@ def migrate(plan_path, tables_path, cluster_path, budget_gib, move_cost, min_gai
     old = Plan.load(plan_path)
     budget = None if budget_gib is None else int(budget_gib * GIB)
     new, moves = migrate_placement(old, ActivationTables.load(tables_path), load_cluster(cluster_path), move_cost,
-                                   budget, min_gain, min_replicas, time_limit)
+                                   budget, min_gain, min_replicas, time_limit, objective)
     moves.save(moves_path)
     new.save(output)
     s = new.solver
@@ -234,11 +236,12 @@ def migrate(plan_path, tables_path, cluster_path, budget_gib, move_cost, min_gai
         return
     gap = "n/a" if s["gap"] is None else f"{100 * s['gap']:.4f}%"
     if not s["migrated"]:
-        click.echo(f"kept the current placement: the best new one serves {100 * s['predicted_gain']:.3f}% more "
-                   f"activations locally, below --min-gain {100 * min_gain:.3f}%; wrote {output} and empty {moves_path}")
+        click.echo(f"kept the current placement: the best new one improves {objective} by "
+                   f"{100 * s['predicted_gain']:.3f}%, below --min-gain {100 * min_gain:.3f}%; wrote {output} and "
+                   f"empty {moves_path}")
         return
-    click.echo(f"wrote {output}: {s['status']} (gap {gap}), local coverage {100 * new.metrics['local_coverage']:.2f}% "
-               f"({100 * s['predicted_gain']:+.3f}% activations served locally)")
+    click.echo(f"wrote {output}: {s['status']} (gap {gap}), {objective} {100 * s['predicted_gain']:+.3f}% better than "
+               f"the current plan on these tables; local coverage {100 * new.metrics['local_coverage']:.2f}%")
     click.echo(f"wrote {moves_path}: {len(moves.stages)} stage(s), {moves.num_copies} copies "
                f"({moves.bytes / GIB:.3f} GiB, at least {moves.lower_bound_bytes / GIB:.3f} GiB needed), "
                f"{moves.num_evicts} evictions, about {moves.seconds:.2f} s")

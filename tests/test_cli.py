@@ -109,3 +109,89 @@ def test_console_script_runs_as_module(tmp_path):
     res = subprocess.run([sys.executable, "-m", "prism_plan.cli", "solve", "--tables", tmp_path / "none.npz",
                           "--cluster", BUNDLED_CLUSTER, "-o", tmp_path / "p.json"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: no tables file")
+
+
+@pytest.fixture(scope="module")
+def drift_windows(tmp_path_factory):
+    """A drifting workload from the bundled trace, its tables per window, and a plan for window 0."""
+    d = tmp_path_factory.mktemp("drift")
+    assert main(["profile", "drift", str(BUNDLED_TRACE), "-o", str(d / "drift.parquet"), "--windows", "3",
+                 "--window-tokens", "1500"]) == 0
+    assert main(["profile", "tables", str(d / "drift.parquet"), "--window", "6000", "-o", str(d / "win"),
+                 "--quiet"]) == 0
+    assert main(["solve", "--tables", str(d / "win" / "window-0000.npz"), "--cluster", str(BUNDLED_CLUSTER),
+                 "-o", str(d / "plan0.json")]) == 0
+    return d
+
+
+def test_windowed_tables_folder(drift_windows, capsys):
+    d = drift_windows
+    assert sorted(p.name for p in (d / "win").iterdir()) == ["window-0000.npz", "window-0001.npz", "window-0002.npz"]
+    code, out, _ = run(capsys, "profile", "tables", d / "drift.parquet", "--window", "6000", "-o", d / "win2",
+                       "--quiet", "--json")
+    summary = json.loads(out)
+    assert code == 0 and [s["window"]["index"] for s in summary] == [0, 1, 2]
+    assert all(sum(s["tokens"]) == 6000 for s in summary)
+
+
+def test_migrate_writes_plan_and_verified_moves(drift_windows, capsys, tmp_path):
+    from prism_plan.placement.cluster import load_cluster
+    from prism_plan.placement.migration import MigrationPlan, verify_migration
+    from prism_plan.placement.plan import Plan
+
+    d = drift_windows
+    code, out, _ = run(capsys, "migrate", "--plan", d / "plan0.json", "--tables", d / "win" / "window-0002.npz",
+                       "--cluster", BUNDLED_CLUSTER, "--budget-gib", "0.5", "-o", tmp_path / "p1.json", "--moves",
+                       tmp_path / "m1.json", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["migrated"] and 0 < summary["bytes"] <= 2**29
+    old, new = Plan.load(d / "plan0.json"), Plan.load(tmp_path / "p1.json")
+    moves = MigrationPlan.load(tmp_path / "m1.json")
+    assert moves.from_sha256 == old.sha256() and moves.to_sha256 == new.sha256()
+    verify_migration(moves, old.hosted, new.hosted, load_cluster(BUNDLED_CLUSTER))
+    code, out, _ = run(capsys, "migrate", "--plan", d / "plan0.json", "--tables", d / "win" / "window-0002.npz",
+                       "--cluster", BUNDLED_CLUSTER, "--min-gain", "0.9", "-o", tmp_path / "p2.json", "--moves",
+                       tmp_path / "m2.json")
+    assert code == 0 and "kept the current placement" in out
+    assert json.loads((tmp_path / "m2.json").read_text())["stages"] == []
+
+
+def test_impossible_migration_exit_2_and_touches_nothing(drift_windows, capsys, tmp_path):
+    d = drift_windows
+    before = (d / "plan0.json").read_bytes()
+    shrunk = tmp_path / "shrunk.toml"
+    shrunk.write_text(BUNDLED_CLUSTER.read_text().replace("memory_gib = 12.0", "memory_gib = 3.0"))
+    code, out, err = run(capsys, "migrate", "--plan", d / "plan0.json", "--tables", d / "win" / "window-0001.npz",
+                         "--cluster", shrunk, "--budget-gib", "0.1", "-o", d / "plan0.json", "--moves",
+                         tmp_path / "m.json")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: move budget 102.40 MiB is too small") and "raise --budget-gib" in err
+    assert (d / "plan0.json").read_bytes() == before and not (tmp_path / "m.json").exists()
+    code, _, err = run(capsys, "migrate", "--plan", d / "plan0.json", "--tables", d / "win" / "window-0001.npz",
+                       "--cluster", tmp_path / "nope.toml", "-o", tmp_path / "x.json", "--moves", tmp_path / "m.json")
+    assert code == 2 and "no cluster file" in err
+
+
+def test_swap_with_no_room_anywhere_exit_2(tmp_path, capsys):
+    import numpy as np
+
+    from prism_plan.placement.model import ModelSpec
+    from prism_plan.placement.plan import Plan
+    from prism_plan.traces.tables import ActivationTables
+
+    # Two servers with room for one 1 GiB expert each; the traffic wants them swapped.
+    model = ModelSpec("tiny", (1,), 2, 1, 2**30, 8)
+    hosted = np.array([[[True, False]], [[False, True]]])
+    old = Plan(model, ("a", "b"), ("a", "b"), hosted, np.array([[[0, 1]], [[0, 1]]]), "coverage",
+               {"name": "hand", "status": "feasible"})
+    old.save(tmp_path / "old.json")
+    ActivationTables(("a", "b"), (1,), np.array([[[0.0, 9.0]], [[9.0, 0.0]]]), np.array([9, 9])).save(
+        tmp_path / "t.npz")
+    (tmp_path / "c.toml").write_text('[defaults]\n[[server]]\nname="a"\nmemory_gib=1\n'
+                                     '[[server]]\nname="b"\nmemory_gib=1\n')
+    before = (tmp_path / "old.json").read_bytes()
+    code, out, err = run(capsys, "migrate", "--plan", tmp_path / "old.json", "--tables", tmp_path / "t.npz",
+                         "--cluster", tmp_path / "c.toml", "-o", tmp_path / "old.json", "--moves", tmp_path / "m.json")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "cannot order the moves" in err and "give a server room for one more expert" in err
+    assert (tmp_path / "old.json").read_bytes() == before and not (tmp_path / "m.json").exists()
