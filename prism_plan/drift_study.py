@@ -59,8 +59,8 @@ def _next_plan(strategy: Strategy, plan: Plan, tables, cluster: ClusterSpec, mod
 
 def replay_drift(windows: list[Trace], cluster: ClusterSpec, model: ModelSpec,
                  strategies=DEFAULT_STRATEGIES, time_limit: float | None = 60.0, quiet: bool = True) -> list[dict]:
-    """Per strategy: mean simulated TTFT per window (seconds, windows 1..), bytes and experts copied per window,
-    stages, and the totals. Every strategy starts from the exact plan of window 0 under its objective.
+    """Per strategy: mean simulated TTFT (seconds) and local coverage per window (windows 1..), bytes and experts
+    copied per window, stages, and the totals. Every strategy starts from the exact plan of window 0 under its objective.
     time_limit: seconds per solve."""
     tables = [build_tables([w]) for w in windows]
     problem = build_problem(tables[0], cluster, model)
@@ -69,7 +69,7 @@ def replay_drift(windows: list[Trace], cluster: ClusterSpec, model: ModelSpec,
              for obj in sorted({s.objective for s in strategies})}
     rows = []
     for strategy in track(strategies, "replaying strategies", quiet=quiet):
-        plan, ttft, copied, experts, stages = first[strategy.objective], [], [], [], []
+        plan, ttft, local, copied, experts, stages = first[strategy.objective], [], [], [], [], []
         for w in range(1, len(windows)):
             new = _next_plan(strategy, plan, tables[w - 1], cluster, model, time_limit)
             moves = plan_migration(plan.hosted, new.hosted, cluster, model, plan.min_replicas)
@@ -77,21 +77,24 @@ def replay_drift(windows: list[Trace], cluster: ClusterSpec, model: ModelSpec,
             experts.append(moves.num_copies)
             stages.append(len(moves.stages))
             plan = new
-            ttft.append(simulate(plan, windows[w], cluster).summary()["ttft_mean_s"])
-        rows.append({"label": strategy.label, "ttft_s": ttft, "copied_bytes": copied, "copies": experts,
-                     "stages": stages, "mean_ttft_s": float(np.mean(ttft)), "total_bytes": int(sum(copied)),
+            served = simulate(plan, windows[w], cluster).summary()
+            ttft.append(served["ttft_mean_s"])
+            local.append(served["local_coverage"])
+        rows.append({"label": strategy.label, "ttft_s": ttft, "local_coverage": local, "copied_bytes": copied,
+                     "copies": experts, "stages": stages, "mean_ttft_s": float(np.mean(ttft)),
+                     "mean_local_coverage": float(np.mean(local)), "total_bytes": int(sum(copied)),
                      "total_copies": int(sum(experts))})
     return rows
 
 
 def with_benefit(rows: list[dict], never: str = "never", reference: str = "from scratch") -> list[dict]:
     """Add each row's benefit (mean TTFT saved against `never`, seconds), its share of the `reference` row's
-    benefit, and its bytes as a share of the reference's."""
+    benefit (None when the reference gains nothing), and its bytes as a share of the reference's."""
     by = {r["label"]: r for r in rows}
     base, ref = by[never]["mean_ttft_s"], by[reference]
     ref_benefit = base - ref["mean_ttft_s"]
     for r in rows:
         r["benefit_s"] = base - r["mean_ttft_s"]
-        r["benefit_share"] = r["benefit_s"] / ref_benefit if ref_benefit else None
+        r["benefit_share"] = r["benefit_s"] / ref_benefit if ref_benefit > 0 else None
         r["bytes_share"] = r["total_bytes"] / ref["total_bytes"] if ref["total_bytes"] else None
     return rows

@@ -219,7 +219,6 @@ class _Planner:
         self.cost = _source_cost(cluster, self.size)
         self.r = min_replicas
         self.names = cluster.names
-        self.model = model
 
     def free(self) -> np.ndarray:
         return self.budget - memory_used(self.state, self.size)
@@ -358,10 +357,12 @@ def plan_migration(old: np.ndarray, new: np.ndarray, cluster: ClusterSpec, model
     limit = 3 * int((old ^ new).sum()) + 10  # each stage moves something; cycle breaks add a bounded few
     while planner.want_copy.any() or planner.want_evict.any():
         if len(stages) >= limit:
-            raise MigrationError(f"could not order the moves in {limit} stages; the placements differ in "
-                                 f"{int((old ^ new).sum())} experts and memory is too tight to stage them")
+            raise MigrationError(f"could not order the moves in {limit} stages: the placements differ in "
+                                 f"{int((old ^ new).sum())} experts and memory is too tight to stage them; give a "
+                                 f"server room for one more expert or migrate in smaller steps (--budget-gib)")
         stages.append(planner.step())
-    plan = MigrationPlan(model, tuple(cluster.names), stages, min_replicas, needed_copy_bytes(old, new, model.layer_bytes),
+    plan = MigrationPlan(model, tuple(cluster.names), stages, min_replicas,
+                         needed_copy_bytes(old, new, model.layer_bytes),
                          [stage_seconds(st.copies, cluster, model.layer_bytes) for st in stages])
     verify_migration(plan, old, new, cluster)
     return plan
