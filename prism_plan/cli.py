@@ -62,6 +62,33 @@ def profile_import(fmt, src, model_spec, output, no_weights, quiet, as_json) -> 
                    f"{', '.join(summary['origins'])}")
 
 
+@profile.command("run")
+@click.argument("model_name", metavar="MODEL")
+@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), required=True,
+              help="JSONL: one prompt per line with an origin and `text` or `input_ids`.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Trace to write (.parquet).")
+@click.option("--origin-field", default="origin", show_default=True, help="JSONL key naming each prompt's origin.")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Greedy decode steps to record after each prompt.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--chat-template", is_flag=True, help="Wrap `text` prompts in the tokenizer's chat template.")
+@click.option("--no-weights", is_flag=True, help="Leave gate weights out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def profile_run(model_name, prompts_path, output, origin_field, max_new_tokens, batch_size, chat_template,
+                no_weights, quiet, as_json) -> None:
+    """Run a Hugging Face MoE model (a local folder or hub id) over prompts and record every token's routing."""
+    from prism_plan.traces.profiler import profile_model
+
+    summary = profile_model(model_name, prompts_path, output, origin_field, max_new_tokens, batch_size,
+                            chat_template, not no_weights, quiet)
+    if as_json:
+        _echo_json(summary)
+    else:
+        click.echo(f"wrote {output}: {summary['tokens']} tokens of {summary['requests']} prompts, MoE layers "
+                   f"{summary['layers'][0]}..{summary['layers'][-1]}, top-{summary['top_k']}")
+
+
 @profile.command("tables")
 @click.argument("trace", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
