@@ -17,6 +17,7 @@ Needs the `profile` extra (torch, transformers).
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ INSTALL = "pip install 'prism-plan[profile]'  (torch==2.13.0 and transformers)"
 def _require_torch():
     try:
         import torch
-        import transformers  # noqa: F401
+        importlib.import_module("transformers")
     except ImportError as e:
         raise PrismError(f"profiling real models needs torch and transformers ({e.name} is missing): {INSTALL}")
     return torch
