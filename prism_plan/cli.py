@@ -40,23 +40,29 @@ def profile() -> None:
 
 
 @profile.command("import")
-@click.option("--format", "fmt", type=click.Choice(["esft", "jsonl"]), required=True, help="Source format.")
+@click.option("--format", "fmt", type=click.Choice(["esft", "jsonl", "sglang", "vllm", "megatron"]), required=True,
+              help="Source format (see the README, \"Importing routing\").")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--model", "model_spec", help="Preset, config.json or model folder (default for esft: "
               "deepseek-v2-lite).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Trace to write (.parquet).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Trace to write (.parquet); for SGLang stat dumps (counts only), tables (.npz).")
+@click.option("--origin", help="Origin of every token (default: the file's name, or rank for megatron).")
 @click.option("--no-weights", is_flag=True, help="Leave gate weights out (a much smaller file).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def profile_import(fmt, src, model_spec, output, no_weights, quiet, as_json) -> None:
-    """Convert routing in another format (ESFT text, generic JSONL) to a Parquet trace."""
+def profile_import(fmt, src, model_spec, output, origin, no_weights, quiet, as_json) -> None:
+    """Convert routing recorded elsewhere (ESFT, SGLang, vLLM, Megatron-Core, generic JSONL) to a Parquet trace."""
     from prism_plan.traces.importing import import_trace
 
     if model_spec is None and fmt == "esft":
         model_spec = "deepseek-v2-lite"
-    summary = import_trace(fmt, src, output, _model(model_spec), weights=not no_weights, quiet=quiet)
+    summary = import_trace(fmt, src, output, _model(model_spec), weights=not no_weights, quiet=quiet, origin=origin)
     if as_json:
         _echo_json(summary)
+    elif summary.get("tables"):
+        click.echo(f"wrote {output}: activation tables of {summary['tokens']} tokens (counts only, no co-activation), "
+                   f"origins {', '.join(summary['origins'])}")
     else:
         click.echo(f"wrote {output}: {summary['tokens']} tokens, {summary['requests']} requests, origins "
                    f"{', '.join(summary['origins'])}")

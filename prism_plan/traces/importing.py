@@ -12,24 +12,41 @@ from prism_plan.errors import PrismError
 from prism_plan.placement.model import ModelSpec
 from prism_plan.traces.esft import iter_esft
 from prism_plan.traces.jsonl import iter_jsonl
+from prism_plan.traces.megatron import iter_megatron
+from prism_plan.traces.sglang import iter_sglang, sglang_tables
 from prism_plan.traces.trace import TraceWriter
+from prism_plan.traces.vllm import iter_vllm
 
+# format -> (src, model, quiet, origin) -> Trace batches
 IMPORTERS = {
-    "esft": lambda src, model, quiet: iter_esft(src, model, quiet=quiet),
-    "jsonl": lambda src, model, quiet: iter_jsonl(src, model),
+    "esft": lambda src, model, quiet, origin: iter_esft(src, model, quiet=quiet),
+    "jsonl": lambda src, model, quiet, origin: iter_jsonl(src, model),
+    "sglang": lambda src, model, quiet, origin: iter_sglang(src, model, origin),
+    "vllm": lambda src, model, quiet, origin: iter_vllm(src, model, origin),
+    "megatron": lambda src, model, quiet, origin: iter_megatron(src, model, origin),
 }
 
 
 def import_trace(fmt: str, src: str | Path, out: str | Path, model: ModelSpec, weights: bool = True,
-                 quiet: bool = False) -> dict:
-    """Convert `src` in format `fmt` to a Parquet trace at `out` (written atomically).
+                 quiet: bool = False, origin: str | None = None) -> dict:
+    """Convert `src` in format `fmt` to a Parquet trace at `out` (written atomically); SGLang `stat` dumps,
+    which hold counts only, become activation tables when `out` ends in `.npz`.
 
-    weights: keep gate weights when the source has them (False makes a much smaller file).
+    weights: keep gate weights when the source has them (False makes a much smaller file). origin: the origin
+    of every token (formats that do not name one default to the file's name or rank).
     Returns a summary: tokens, requests, origins, layers, top_k.
     """
     if fmt not in IMPORTERS:
         raise PrismError(f"unknown trace format {fmt!r}; choose one of {sorted(IMPORTERS)}")
-    batches = IMPORTERS[fmt](src, model, quiet)
+    if Path(out).suffix == ".npz":
+        if fmt != "sglang":
+            raise PrismError(f"{fmt} sources become traces: write -o TRACE.parquet, then `prism-plan profile tables`")
+        tables = sglang_tables(src, model, origin)
+        tables.save(out)
+        return {"path": str(out), "format": fmt, "tables": True, "tokens": int(tables.tokens.sum()),
+                "origins": list(tables.origins), "layers": len(tables.layers), "top_k": model.top_k,
+                "coactivation": False}
+    batches = IMPORTERS[fmt](src, model, quiet, origin)
     if not weights:
         batches = (replace(b, weights=None) for b in batches)
     first = next(batches, None)

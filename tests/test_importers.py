@@ -1,0 +1,161 @@
+"""Importers for SGLang, vLLM and Megatron-Core routing dumps: shapes as those systems write them."""
+
+import json
+
+import numpy as np
+import pytest
+
+from prism_plan.cli import main
+from prism_plan.placement.model import resolve_model
+from prism_plan.traces.tables import ActivationTables, tables_from_trace
+from prism_plan.traces.trace import read_trace
+
+# A DeepSeek-style model: 4 hidden layers, layer 0 dense, MoE layers 1..3, 8 experts, top-2.
+CONFIG = {"model_type": "deepseek_v3", "num_hidden_layers": 4, "first_k_dense_replace": 1, "n_routed_experts": 8,
+          "num_experts_per_tok": 2, "hidden_size": 16, "moe_intermediate_size": 8}
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(CONFIG))
+    return path
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def per_token_dump(rng, tokens: int):
+    """(dump, logical ids [tokens, 3, 2]): physical slots 0..9, slot s holds logical expert p2l[layer, s]."""
+    p2l = np.tile(np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 3]), (4, 1))
+    p2l[2] = np.roll(p2l[2], 1)
+    phys = np.full((4, tokens, 8), -1)
+    phys[1:, :, :2] = np.stack([rng.choice(10, 2, replace=False) for _ in range(3 * tokens)]).reshape(3, tokens, 2)
+    logical = p2l[np.arange(1, 4)[:, None, None], phys[1:, :, :2]].transpose(1, 0, 2)
+    return phys, p2l, logical
+
+
+def test_sglang_per_token_maps_physical_to_logical_and_skips_padding(tmp_path, capsys, config):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    phys0, p2l, logical0 = per_token_dump(rng, 5)
+    phys1, _, logical1 = per_token_dump(rng, 3)
+    phys1[:, 2] = -1  # a padded token: -1 everywhere
+    records = [{"forward_pass_id": 0, "rank": 0, "gatherer_key": "primary", "topk_ids_of_layer": torch.tensor(phys0)},
+               {"forward_pass_id": 1, "rank": 0, "gatherer_key": "primary", "topk_ids_of_layer": torch.tensor(phys1)}]
+    torch.save({"records": records, "last_physical_to_logical_map": torch.tensor(p2l)}, tmp_path / "dump.pt")
+    code, out, _ = run(capsys, "profile", "import", "--format", "sglang", tmp_path / "dump.pt", "--model", config,
+                       "--origin", "chat", "-o", tmp_path / "t.parquet", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 7
+    trace = read_trace(tmp_path / "t.parquet")
+    assert trace.meta.layers == (1, 2, 3) and trace.origins == ("chat",)
+    assert np.array_equal(trace.experts, np.concatenate([logical0, logical1[[0, 1]]]))
+    assert trace.request.tolist() == [0] * 5 + [1] * 2
+
+
+def test_sglang_stat_becomes_tables_without_coactivation(tmp_path, capsys, config):
+    torch = pytest.importorskip("torch")
+    count = np.zeros((3, 4, 8))
+    count[0, 1:] = np.arange(24).reshape(3, 8)
+    count[1, 1:] = 2.0  # buffer entry 2 stays zero, layer 0 (dense) stays zero
+    torch.save({"rank": 0, "logical_count": torch.tensor(count), "average_utilization_rate_over_window": 0.5},
+               tmp_path / "stat.pt")
+    code, out, _ = run(capsys, "profile", "import", "--format", "sglang", tmp_path / "stat.pt", "--model", config,
+                       "-o", tmp_path / "t.npz", "--json")
+    assert code == 0 and json.loads(out)["coactivation"] is False
+    t = ActivationTables.load(tmp_path / "t.npz")
+    assert t.origins == ("stat",) and t.coact is None and t.meta["coactivation"] is False
+    assert np.array_equal(t.freq[0], count.sum(axis=0)[1:])
+    (tmp_path / "c.toml").write_text('[defaults]\n[[server]]\nname="a"\nmemory_gib=1\norigins=["stat"]\n'
+                                     '[[server]]\nname="b"\nmemory_gib=1\n')
+    code, out, _ = run(capsys, "solve", "--tables", tmp_path / "t.npz", "--cluster", tmp_path / "c.toml", "--model",
+                       config, "-o", tmp_path / "p.json", "--json")
+    assert code == 0 and json.loads(out)["local_coverage"] == 1.0  # room for everything on the origin's server
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda d: d.pop("records"), "not an SGLang per_token dump"),
+    (lambda d: d["records"][0].update(topk_ids_of_layer=d["records"][0]["topk_ids_of_layer"][:3]),
+     "3 layers, but model"),
+    (lambda d: d.update(last_physical_to_logical_map=d["last_physical_to_logical_map"][:, :4]),
+     "physical id >= 4"),
+    (lambda d: d["records"][0]["topk_ids_of_layer"][2, 0].fill_(-1), "has -1 among its top-2 ids"),
+])
+def test_malformed_sglang_dumps_are_one_line(tmp_path, capsys, config, break_it, message):
+    torch = pytest.importorskip("torch")
+    phys, p2l, _ = per_token_dump(np.random.default_rng(1), 4)
+    dump = {"records": [{"forward_pass_id": 0, "topk_ids_of_layer": torch.tensor(phys)}],
+            "last_physical_to_logical_map": torch.tensor(p2l)}
+    break_it(dump)
+    torch.save(dump, tmp_path / "bad.pt")
+    code, _, err = run(capsys, "profile", "import", "--format", "sglang", tmp_path / "bad.pt", "--model", config,
+                       "-o", tmp_path / "t.parquet")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_vllm_routed_experts_from_npy_npz_and_a_folder(tmp_path, capsys, config):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "vllm"
+    folder.mkdir()
+    a, b, c = (rng.integers(0, 8, (n, 3, 2)) for n in (4, 6, 2))
+    np.save(folder / "chat.npy", a)
+    np.savez(folder / "code.npz", r0=b, r1=c)
+    code, out, _ = run(capsys, "profile", "import", "--format", "vllm", folder, "--model", config, "-o",
+                       tmp_path / "t.parquet", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["tokens"] == 12 and summary["requests"] == 3
+    trace = read_trace(tmp_path / "t.parquet")
+    assert trace.origins == ("chat", "code")
+    assert np.array_equal(trace.experts, np.concatenate([a, b, c]))
+    np.save(folder / "chat.npy", rng.integers(0, 8, (4, 4, 2)))  # all hidden layers instead of MoE layers
+    code, _, err = run(capsys, "profile", "import", "--format", "vllm", folder, "--model", config, "-o",
+                       tmp_path / "u.parquet")
+    assert code == 2 and "[tokens, 3, 2] (MoE layers only)" in err
+
+
+def megatron_records(rng, steps=2, tokens=3, layers=(2, 3, 4)):
+    out = []
+    for step in range(steps):
+        for layer in layers:
+            ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(tokens)])
+            out.append({"rank": 0, "step": step, "layer": layer, "num_tokens": tokens, "topk": 2,
+                        "top_indices": ids.tolist()})
+    out.append({"rank": 0, "step": 0, "block": "mtp", "mtp_idx": 0, "layer": 2, "num_tokens": 1, "topk": 2,
+                "top_indices": [[0, 1]]})
+    return out
+
+
+def test_megatron_router_trace(tmp_path, capsys, config):
+    records = megatron_records(np.random.default_rng(3))
+    (tmp_path / "router_trace_rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, _ = run(capsys, "profile", "import", "--format", "megatron", tmp_path, "--model", config, "-o",
+                       tmp_path / "t.parquet", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 6
+    trace = read_trace(tmp_path / "t.parquet")
+    assert trace.origins == ("rank0",) and trace.request.tolist() == [0, 0, 0, 1, 1, 1]
+    first_step_layer_2 = np.array(records[0]["top_indices"])  # Megatron layer 2 = model layer 1
+    assert np.array_equal(trace.experts[:3, 0], first_step_layer_2)
+    assert tables_from_trace(tmp_path / "t.parquet").freq.sum() == 6 * 3 * 2
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"rank": 0, "step": 0, "layer": 2, "num_tokens": 1, "top_indices": [[0, 1]]}], "do not match model"),
+    ([{"rank": 0, "step": 0, "layer": x, "num_tokens": 2, "top_indices": [[0, 1]]} for x in (2, 3, 4)],
+     "num_tokens=2"),
+    ([{"rank": 0, "step": 0, "layer": 2}], "not a router trace record"),
+])
+def test_malformed_megatron_traces(tmp_path, capsys, config, records, message):
+    (tmp_path / "router_trace_rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, _, err = run(capsys, "profile", "import", "--format", "megatron", tmp_path, "--model", config, "-o",
+                       tmp_path / "t.parquet")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_importers_need_the_model(tmp_path, capsys):
+    code, _, err = run(capsys, "profile", "import", "--format", "vllm", tmp_path, "-o", tmp_path / "t.parquet")
+    assert code == 2 and "pass --model" in err
+    assert resolve_model("deepseek-v3").num_hidden_layers == 61
