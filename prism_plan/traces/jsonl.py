@@ -9,7 +9,6 @@ MoE layers are assumed); `phase` defaults to prefill; `weights` is optional and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.model import ModelSpec
+from prism_plan.traces.dumps import json_lines
 from prism_plan.traces.trace import PHASES, Trace, TraceMeta
 
 
@@ -55,31 +55,19 @@ def iter_jsonl(src: str | Path, model: ModelSpec, batch_rows: int = 65536) -> It
     origins: list[str] = []
     next_pos: dict[tuple[str, int], int] = {}
     rows: list[tuple] = []
-    try:
-        f = open(src, encoding="utf-8")
-    except FileNotFoundError:
-        raise PrismError(f"no JSONL file at {src}")
-    with f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{src} line {no}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrismError(f"{where}: invalid JSON ({e.msg})")
-            origin, request, position, decode, experts, weights = _parse_row(d, model, where)
-            if not isinstance(request, int) or (position is not None and not isinstance(position, int)):
-                raise PrismError(f"{where}: `request` and `position` must be integers")
-            key = (origin, request)
-            position = next_pos.get(key, 0) if position is None else position
-            next_pos[key] = position + 1
-            if origin not in origins:
-                origins.append(origin)
-            rows.append((origins.index(origin), request, position, decode, experts, weights))
-            if len(rows) == batch_rows:
-                yield _batch(rows, origins, meta, src)
-                rows = []
+    for where, d in json_lines(src, "JSONL file"):
+        origin, request, position, decode, experts, weights = _parse_row(d, model, where)
+        if not isinstance(request, int) or (position is not None and not isinstance(position, int)):
+            raise PrismError(f"{where}: `request` and `position` must be integers")
+        key = (origin, request)
+        position = next_pos.get(key, 0) if position is None else position
+        next_pos[key] = position + 1
+        if origin not in origins:
+            origins.append(origin)
+        rows.append((origins.index(origin), request, position, decode, experts, weights))
+        if len(rows) == batch_rows:
+            yield _batch(rows, origins, meta, src)
+            rows = []
     if rows:
         yield _batch(rows, origins, meta, src)
 

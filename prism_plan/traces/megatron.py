@@ -9,7 +9,6 @@ else `rank{r}`; request = step; position = the token's row; phase prefill.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -18,46 +17,31 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.model import ModelSpec
+from prism_plan.traces.dumps import dump_files, json_lines
 from prism_plan.traces.trace import Trace, TraceMeta
-
-
-def _files(src: Path) -> list[Path]:
-    if src.is_dir():
-        files = sorted(src.glob("router_trace_rank*.jsonl"))
-        if not files:
-            raise PrismError(f"{src} holds no router_trace_rank*.jsonl files")
-        return files
-    if not src.exists():
-        raise PrismError(f"no router trace at {src}")
-    return [src]
 
 
 def iter_megatron(src: str | Path, model: ModelSpec, origin: str | None = None) -> Iterator[Trace]:
     """Yield one Trace per (file, step)."""
     meta = TraceMeta.for_model(model, source=f"megatron:{Path(src).name}")
     names: list[str] = []
-    for path in _files(Path(src)):
+    for path in dump_files(Path(src), ("router_trace_rank*.jsonl",), "router trace"):
         steps: dict[tuple[int, int], dict[int, np.ndarray]] = defaultdict(dict)
-        with open(path, encoding="utf-8") as f:
-            for no, line in enumerate(f, 1):
-                if not line.strip():
+        for where, r in json_lines(path, "router trace"):
+            try:
+                if r.get("block", "decoder") != "decoder":
                     continue
-                where = f"{path} line {no}"
-                try:
-                    r = json.loads(line)
-                    if r.get("block", "decoder") != "decoder":
-                        continue
-                    key, layer = (int(r["rank"]), int(r["step"])), int(r["layer"])
-                    ids = np.asarray(r["top_indices"], dtype=np.int64).reshape(-1, model.top_k) \
-                        if r["top_indices"] else np.zeros((0, model.top_k), np.int64)
-                except (ValueError, KeyError, TypeError) as e:
-                    raise PrismError(f"{where}: not a router trace record ({type(e).__name__}: {e}); each needs "
-                                     f"rank, step, layer and top_indices with top_k={model.top_k} ids per token")
-                if len(ids) != int(r.get("num_tokens", len(ids))):
-                    raise PrismError(f"{where}: {len(ids)} rows of top_indices but num_tokens={r['num_tokens']}")
-                if layer in steps[key]:
-                    raise PrismError(f"{where}: layer {layer} appears twice in step {key[1]} of rank {key[0]}")
-                steps[key][layer] = ids
+                key, layer = (int(r["rank"]), int(r["step"])), int(r["layer"])
+                ids = np.asarray(r["top_indices"], dtype=np.int64).reshape(-1, model.top_k) \
+                    if r["top_indices"] else np.zeros((0, model.top_k), np.int64)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise PrismError(f"{where}: not a router trace record ({type(e).__name__}: {e}); each needs "
+                                 f"rank, step, layer and top_indices with top_k={model.top_k} ids per token")
+            if len(ids) != int(r.get("num_tokens", len(ids))):
+                raise PrismError(f"{where}: {len(ids)} rows of top_indices but num_tokens={r['num_tokens']}")
+            if layer in steps[key]:
+                raise PrismError(f"{where}: layer {layer} appears twice in step {key[1]} of rank {key[0]}")
+            steps[key][layer] = ids
         for (rank, step), layers in sorted(steps.items()):
             where = f"{path} rank {rank} step {step}"
             offset = _offset(sorted(layers), model, where)

@@ -18,7 +18,6 @@ Needs the `profile` extra (torch, transformers).
 from __future__ import annotations
 
 import importlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.fileio import read_user_text
 from prism_plan.placement.model import from_hf_config
 from prism_plan.progress import track
+from prism_plan.traces.dumps import json_lines
 from prism_plan.traces.trace import Trace, TraceMeta, TraceWriter
 
 INSTALL = "pip install 'prism-plan[profile]'  (torch==2.13.0 and transformers)"
@@ -57,14 +56,7 @@ def read_prompts(path: str | Path, tokenizer=None, origin_field: str = "origin",
     (tokenised with `tokenizer`, through its chat template when asked)."""
     path = Path(path)
     prompts = []
-    for no, line in enumerate(read_user_text(path, "prompts file").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {no}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PrismError(f"{where}: invalid JSON ({e.msg})")
+    for where, d in json_lines(path, "prompts file"):
         if not isinstance(d, dict) or origin_field not in d:
             raise PrismError(f"{where}: each line needs a `{origin_field}` (--origin-field) and `text` or `input_ids`")
         if "input_ids" in d:

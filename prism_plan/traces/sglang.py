@@ -19,47 +19,9 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.model import ModelSpec
+from prism_plan.traces.dumps import dump_files, load_torch_file
 from prism_plan.traces.tables import ActivationTables
 from prism_plan.traces.trace import Trace, TraceMeta
-
-INSTALL = "pip install 'prism-plan[torch]'"
-
-
-def load_torch_file(path: Path) -> object:
-    """A `.pt` file's content, tensors turned into numpy arrays (tensors only: no code is unpickled)."""
-    try:
-        import torch
-    except ImportError:
-        raise PrismError(f"{path} is a torch file; reading it needs torch: {INSTALL}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PrismError(f"no dump file at {path}")
-    except Exception as e:  # torch raises many kinds for a file that is not its own
-        raise PrismError(f"{path} is not a readable torch file ({type(e).__name__}: {str(e).splitlines()[0]})")
-
-    def to_numpy(x):
-        if isinstance(x, torch.Tensor):
-            return x.numpy()
-        if isinstance(x, dict):
-            return {k: to_numpy(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [to_numpy(v) for v in x]
-        return x
-    return to_numpy(obj)
-
-
-def dump_files(src: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """`src` itself, or the files with one of `suffixes` in folder `src`, sorted."""
-    if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.suffix in suffixes)
-        if not files:
-            raise PrismError(f"{src} holds no {' / '.join(suffixes)} dump files")
-        return files
-    if not src.exists():
-        raise PrismError(f"no dump file at {src}")
-    return [src]
-
 
 def _moe_rows(arr: np.ndarray, model: ModelSpec, where: str, axis: int) -> np.ndarray:
     """The model's MoE layers out of an array indexed by all hidden layers along `axis`."""
@@ -71,7 +33,7 @@ def _moe_rows(arr: np.ndarray, model: ModelSpec, where: str, axis: int) -> np.nd
 
 def sglang_tables(src: str | Path, model: ModelSpec, origin: str | None = None) -> ActivationTables:
     """ActivationTables from `stat` dumps: one origin per file (or `origin` for all)."""
-    files = dump_files(Path(src), (".pt",))
+    files = dump_files(Path(src), ("*.pt",))
     counts: dict[str, np.ndarray] = {}
     for path in files:
         d = load_torch_file(path)
@@ -99,7 +61,7 @@ def iter_sglang(src: str | Path, model: ModelSpec, origin: str | None = None) ->
     meta = TraceMeta.for_model(model, source=f"sglang:{Path(src).name}")
     names: list[str] = []
     k = model.top_k
-    for path in dump_files(Path(src), (".pt",)):
+    for path in dump_files(Path(src), ("*.pt",)):
         d = load_torch_file(path)
         if not isinstance(d, dict) or "records" not in d:
             raise PrismError(f"{path}: not an SGLang per_token dump (no `records`); stat dumps become tables "

@@ -16,7 +16,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.model import ModelSpec
-from prism_plan.traces.sglang import dump_files, load_torch_file
+from prism_plan.traces.dumps import dump_files, load_torch_file
 from prism_plan.traces.trace import Trace, TraceMeta
 
 
@@ -47,7 +47,7 @@ def iter_vllm(src: str | Path, model: ModelSpec, origin: str | None = None) -> I
     names: list[str] = []
     next_request: dict[str, int] = {}
     shape = (model.num_layers, model.top_k)
-    for path in dump_files(Path(src), (".npy", ".npz", ".pt")):
+    for path in dump_files(Path(src), ("*.npy", "*.npz", "*.pt")):
         name = origin or path.stem
         if name not in names:
             names.append(name)
