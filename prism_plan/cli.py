@@ -17,14 +17,17 @@ def _echo_json(obj) -> None:
 
 
 def _model(spec: str | None, tables_meta: dict | None = None):
-    from prism_plan.placement.model import PRESETS, resolve_model
+    """The model: --model when given, else the one the tables were recorded from (their shape, or a preset)."""
+    from prism_plan.placement.model import PRESETS, ModelSpec, resolve_model
 
     if spec is None:
-        name = (tables_meta or {}).get("model")
-        if name not in PRESETS:
+        meta = tables_meta or {}
+        if meta.get("spec"):
+            return ModelSpec.from_dict(meta["spec"])
+        if meta.get("model") not in PRESETS:
             raise PrismError("pass --model (a preset, a config.json or a model folder); the input does not "
                              "name a preset model")
-        spec = name
+        spec = meta["model"]
     return resolve_model(spec)
 
 

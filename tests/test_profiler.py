@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from prism_plan.cli import main  # noqa: E402
 from prism_plan.errors import PrismError  # noqa: E402
-from prism_plan.traces.profiler import load_model, moe_routers, profile_model  # noqa: E402
+from prism_plan.traces.profiler import load_model, moe_routers, profile_model, router_choice  # noqa: E402
 from prism_plan.traces.trace import read_trace  # noqa: E402
 
 BASE = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
@@ -60,19 +60,31 @@ def model_dirs(tmp_path_factory):
 
 
 def experts_calls(model, run):
-    """Run `run()` and return, per forward pass, {layer: indices the experts module received}."""
+    """Run `run()` and return, per forward pass, {layer: indices the MoE block used}: what its experts module
+    receives (transformers 5.x, GPT-OSS 4.x), else, where the block loops over expert modules itself (4.x), its
+    router's output read as the block reads it."""
     calls, handles = [], []
-    current = {}
+    received, routed = {}, {}
+    family = model.config.model_type
     for layer, router in moe_routers(model):
         block = next(m for m in model.modules() if getattr(m, "gate", getattr(m, "router", None)) is router)
 
-        def pre(module, args, layer=layer):
-            current[layer] = args[1].reshape(-1, args[1].shape[-1]).numpy().copy()
-        handles.append(block.experts.register_forward_pre_hook(pre))
+        def pre(module, args, kwargs, layer=layer):
+            k = model.config.num_experts_per_tok
+            given = [a for a in list(args) + list(kwargs.values())
+                     if torch.is_tensor(a) and not a.is_floating_point() and a.shape[-1] == k]
+            if given:
+                received[layer] = given[0].reshape(-1, given[0].shape[-1]).numpy().copy()
+
+        def post(module, args, output, layer=layer):
+            routed[layer] = router_choice(output, model.config.num_experts_per_tok, family, model.config)[0].numpy()
+        handles.append(block.experts.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(router.register_forward_hook(post))
     try:
         for _ in run():
-            calls.append(dict(current))
-            current.clear()
+            calls.append({**routed, **received})
+            received.clear()
+            routed.clear()
     finally:
         for h in handles:
             h.remove()
@@ -199,3 +211,16 @@ def test_planner_and_cli_work_without_torch(tmp_path):
                           str(tmp_path / "plan.json"), str(tmp_path / "p.jsonl")], capture_output=True, text=True)
     assert run.returncode == 2 and (tmp_path / "plan.json").exists()
     assert "pip install 'prism-plan[profile]'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_trace_carries_the_model_shape_so_solve_needs_no_model(model_dirs, tmp_path, capsys):
+    dirs, prompts = model_dirs
+    profile_model(dirs["deepseek_v3"], prompts, tmp_path / "t.parquet", quiet=True)
+    assert read_trace(tmp_path / "t.parquet").meta.spec["layers"] == [1, 2]
+    assert main(["profile", "tables", str(tmp_path / "t.parquet"), "-o", str(tmp_path / "t.npz")]) == 0
+    (tmp_path / "c.toml").write_text('[defaults]\n[[server]]\nname="a"\nmemory_gib=1\norigins=["a", "c"]\n'
+                                     '[[server]]\nname="b"\nmemory_gib=1\norigins=["b"]\n')
+    capsys.readouterr()
+    assert main(["solve", "--tables", str(tmp_path / "t.npz"), "--cluster", str(tmp_path / "c.toml"), "-o",
+                 str(tmp_path / "p.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["local_coverage"] == 1.0

@@ -219,7 +219,7 @@ def profile_model(model_name: str | Path, prompts_path: str | Path, out: str | P
     too_big = [i for i, p in enumerate(prompts) if max(p.ids) >= vocab]
     if too_big:
         raise PrismError(f"prompt {too_big[0] + 1} has a token id >= the model's vocabulary of {vocab}")
-    meta = TraceMeta(spec.name, spec.layers, spec.num_experts, spec.top_k, f"profile:{spec.name}")
+    meta = TraceMeta.for_model(spec, f"profile:{spec.name}")
     origins = sorted({p.origin for p in prompts})
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     tokens = 0

@@ -53,7 +53,7 @@ def sglang_tables(src: str | Path, model: ModelSpec, origin: str | None = None) 
     tokens = np.round(freq.sum(axis=2).mean(axis=1) / model.top_k).astype(np.int64)
     return ActivationTables(tuple(counts), model.layers, freq, tokens, None, None,
                             {"model": model.name, "top_k": model.top_k, "source": f"sglang-stat:{Path(src).name}",
-                             "window": None, "coactivation": False})
+                             "spec": model.to_dict(), "window": None, "coactivation": False})
 
 
 def iter_sglang(src: str | Path, model: ModelSpec, origin: str | None = None) -> Iterator[Trace]:

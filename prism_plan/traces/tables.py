@@ -151,7 +151,7 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
         idx = np.arange(meta.num_experts)
         coact[:, idx, idx] = freq.sum(axis=0)
     return ActivationTables(origins, meta.layers, freq, tokens, coact, trans,
-                            {"model": meta.model, "top_k": meta.top_k, "source": meta.source,
+                            {"model": meta.model, "top_k": meta.top_k, "source": meta.source, "spec": meta.spec,
                              "window": window})
 
 

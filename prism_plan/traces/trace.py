@@ -9,7 +9,7 @@ Files are written in row groups and can be read batch by batch, so traces larger
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -27,31 +27,33 @@ COLUMNS = ("origin", "request", "position", "phase", "experts")
 
 @dataclass(frozen=True)
 class TraceMeta:
-    """What a trace describes: the model's name, its MoE layer numbers, experts per layer, top-k, where from."""
+    """What a trace describes: the model's name, its MoE layer numbers, experts per layer, top-k, where from, and
+    the model's full shape (ModelSpec.to_dict(), when the writer knew it) so later steps need no --model."""
 
     model: str
     layers: tuple[int, ...]
     num_experts: int
     top_k: int
     source: str = ""
+    spec: dict | None = field(default=None, compare=False)
 
     def to_json(self) -> str:
         return json.dumps({"model": self.model, "layers": list(self.layers), "num_experts": self.num_experts,
-                           "top_k": self.top_k, "source": self.source})
+                           "top_k": self.top_k, "source": self.source, "spec": self.spec})
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> "TraceMeta":
         try:
             d = json.loads(text)
             return cls(str(d["model"]), tuple(int(x) for x in d["layers"]), int(d["num_experts"]),
-                       int(d["top_k"]), str(d.get("source", "")))
+                       int(d["top_k"]), str(d.get("source", "")), d.get("spec"))
         except (ValueError, KeyError, TypeError) as e:
             raise PrismError(f"{where}: bad `prism_plan` metadata ({e!r}); re-import the trace with prism-plan")
 
     @classmethod
     def for_model(cls, model, source: str = "") -> "TraceMeta":
         """Metadata for a trace of `model` (a ModelSpec)."""
-        return cls(model.name, model.layers, model.num_experts, model.top_k, source)
+        return cls(model.name, model.layers, model.num_experts, model.top_k, source, model.to_dict())
 
 
 @dataclass(frozen=True)
