@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -23,3 +24,24 @@ def track(items: Iterable[T], description: str, total: int | None = None, quiet:
 
     yield from rich_track(items, description=description, total=total, console=Console(stderr=True),
                           transient=True)
+
+
+@contextmanager
+def counter(description: str, total: int, unit: str, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A bar of `total` items that also counts `unit`s (tokens, say); yields advance(items, units)."""
+    if not show_progress(quiet):
+        yield lambda items, units: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(f"{{task.fields[units]}} {unit}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total, units=0)
+        done = [0]
+
+        def advance(items: int, units: int) -> None:
+            done[0] += units
+            bar.update(task, advance=items, units=done[0])
+        yield advance

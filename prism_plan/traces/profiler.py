@@ -26,7 +26,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.model import from_hf_config
-from prism_plan.progress import track
+from prism_plan.progress import counter
 from prism_plan.traces.dumps import json_lines
 from prism_plan.traces.trace import Trace, TraceMeta, TraceWriter
 
@@ -225,12 +225,15 @@ def profile_model(model_name: str | Path, prompts_path: str | Path, out: str | P
     tokens = 0
     batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
     try:
-        with TraceWriter(out, meta, weights) as writer, torch.inference_mode():
-            for idx in track(batches, f"profiling {len(prompts)} prompts", quiet=quiet):
+        with TraceWriter(out, meta, weights) as writer, torch.inference_mode(), \
+                counter("profiling prompts", len(prompts), "tokens", quiet) as advance:
+            for idx in batches:
                 for trace in _run_batch(model, recorder, meta, origins, [prompts[i] for i in idx], idx,
                                         max_new_tokens, pad, weights):
                     writer.write(trace)
                     tokens += trace.num_tokens
+                    advance(0, trace.num_tokens)
+                advance(len(idx), 0)
     finally:
         recorder.remove()
     return {"path": str(out), "model": spec.name, "tokens": tokens, "requests": len(prompts),
