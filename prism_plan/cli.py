@@ -254,6 +254,7 @@ def migrate(plan_path, tables_path, cluster_path, objective, budget_gib, move_co
     """Re-plan for new traffic from the current plan, moving only what pays, and write the ordered moves."""
     from prism_plan.pipeline import migrate_placement
     from prism_plan.placement.cluster import GIB, load_cluster
+    from prism_plan.units import human_bytes
     from prism_plan.placement.plan import Plan
     from prism_plan.traces.tables import ActivationTables
 
@@ -279,7 +280,7 @@ def migrate(plan_path, tables_path, cluster_path, objective, budget_gib, move_co
     click.echo(f"wrote {output}: {s['status']} (gap {gap}), {objective} {100 * s['predicted_gain']:+.3f}% better than "
                f"the current plan on these tables; local coverage {100 * new.metrics['local_coverage']:.2f}%")
     click.echo(f"wrote {moves_path}: {len(moves.stages)} stage(s), {moves.num_copies} copies "
-               f"({moves.bytes / GIB:.3f} GiB, at least {moves.lower_bound_bytes / GIB:.3f} GiB needed), "
+               f"({human_bytes(moves.bytes)}, at least {human_bytes(moves.lower_bound_bytes)} needed), "
                f"{moves.num_evicts} evictions, about {moves.seconds:.2f} s")
 
 
@@ -315,6 +316,43 @@ def simulate(plan_path, trace_path, cluster_path, concurrency, output, quiet, as
                f"kB/token; local coverage {100 * summary['local_coverage']:.2f}%")
     for name, busy, acts in zip(result.servers, result.server_busy, result.server_activations):
         click.echo(f"  {name}: {int(acts)} activations, {1e3 * busy:.1f} ms computing")
+
+
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True,
+              help="The plan to end at (.json); with --moves, the new plan `migrate` wrote.")
+@click.option("--cluster", "cluster_path", type=click.Path(path_type=Path), required=True, help="Cluster TOML.")
+@click.option("--moves", "moves_path", type=click.Path(path_type=Path), help="Moves (.json) from `migrate`: start "
+              "from their old placement and run them stage by stage.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Hugging Face safetensors folder to read this "
+              "rank's experts from (default: deterministic random weights of the model's shape).")
+@click.option("--journal", "journal_dir", type=click.Path(path_type=Path), default=Path("prism-journal"),
+              show_default=True, help="Folder for the per-rank journals that let an interrupted run resume.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds before a stuck transfer fails.")
+@click.option("--json", "as_json", is_flag=True, help="Each rank prints one JSON line with the experts it holds.")
+def apply(plan_path, cluster_path, moves_path, checkpoint, journal_dir, timeout, as_json) -> None:
+    """Apply a plan to real devices, one process per server (rank i = the plan's i-th server), under torchrun:
+    load each rank's experts, run the moves over torch.distributed (NCCL on GPUs, gloo on CPUs)."""
+    from prism_plan.executor.launch import apply_on_rank, init_distributed
+    from prism_plan.placement.cluster import load_cluster
+    from prism_plan.placement.migration import MigrationPlan
+    from prism_plan.placement.plan import Plan
+
+    plan, cluster = Plan.load(plan_path), load_cluster(cluster_path)
+    moves = MigrationPlan.load(moves_path) if moves_path is not None else None
+    rank, world, device = init_distributed(timeout)
+    try:
+        _, summary = apply_on_rank(plan, cluster, rank, world, device, moves, checkpoint, journal_dir)
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"rank {rank} ({summary['server']}): holds {len(summary['experts'])} experts, sha256 "
+                   f"{summary['sha256'][:16]}...")
 
 
 @cli.command()

@@ -1,0 +1,83 @@
+"""Running the executor on ranks: process-group setup and `prism-plan apply`'s work on one rank."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from prism_plan.errors import PrismError
+from prism_plan.executor import require_torch
+from prism_plan.executor.store import ExpertStore, expert_list, index_checkpoint, synthetic_layout
+from prism_plan.executor.transfer import apply_moves, placement_before, resume_stage
+from prism_plan.placement.migration import MigrationPlan, verify_migration
+from prism_plan.placement.plan import Plan
+
+
+def init_distributed(timeout_s: float = 300.0, init_method: str | None = None, rank: int | None = None,
+                     world: int | None = None) -> tuple[int, int, str]:
+    """Join the default process group: NCCL when CUDA is there, else gloo. Without arguments, from torchrun's
+    environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Returns (rank, world size, device)."""
+    torch = require_torch()
+    import torch.distributed as dist
+
+    if rank is None and "RANK" not in os.environ:
+        raise PrismError("apply runs one process per server: start it with torchrun, e.g. "
+                         "`torchrun --nproc-per-node 2 -m prism_plan.cli apply ...`")
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    kwargs = {"timeout": timedelta(seconds=timeout_s)}
+    if init_method is not None:
+        kwargs.update(init_method=init_method, rank=rank, world_size=world)
+    dist.init_process_group(backend, **kwargs)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = "cpu"
+    if cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        device = f"cuda:{torch.cuda.current_device()}"
+    return rank, world, device
+
+
+def apply_on_rank(plan: Plan, cluster, rank: int, world: int, device: str = "cpu",
+                  moves: MigrationPlan | None = None, checkpoint: str | Path | None = None,
+                  journal_dir: str | Path | None = None) -> tuple[ExpertStore, dict]:
+    """This rank's part of `prism-plan apply`: load the experts it starts with (the moves' starting placement,
+    else the plan's), run the moves, and return (store, summary line)."""
+    if world != len(plan.servers):
+        raise PrismError(f"the plan has {len(plan.servers)} servers but {world} processes run; start one per server "
+                         f"(torchrun --nproc-per-node {len(plan.servers)})")
+    plan.check_cluster(cluster)
+    layers = plan.model.layers
+    start = plan.hosted
+    if moves is not None:
+        if moves.to_sha256 and moves.to_sha256 != plan.sha256():
+            raise PrismError("the moves lead to a different plan than --plan; pass the plan `migrate` wrote with them")
+        start = placement_before(moves, plan.hosted)
+        verify_migration(moves, start, plan.hosted, cluster)
+    wanted = expert_list(start, rank, layers)
+    store = ExpertStore(device)
+    if checkpoint is not None:
+        index = index_checkpoint(checkpoint, plan.model)
+        store.load(index, wanted)
+        layout = index.layout
+    else:
+        store.fill_synthetic(plan.model, wanted)
+        layout = lambda layer: synthetic_layout(plan.model)  # noqa: E731
+    if moves is not None:
+        journal = None if journal_dir is None else Path(journal_dir) / f"journal-rank{rank}.json"
+        if journal is not None:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+        first = resume_stage(journal, moves)
+        if first:  # resume: this rank's experts as they stood after the stages already done
+            done = MigrationPlan(moves.model, moves.servers, moves.stages[:first], moves.min_replicas, 0)
+            wanted = expert_list(done.apply(start), rank, layers)
+            store = ExpertStore(device)
+            if checkpoint is not None:
+                store.load(index, wanted)
+            else:
+                store.fill_synthetic(plan.model, wanted)
+        apply_moves(store, moves, rank, layout, journal, first)
+    if store.experts() != expert_list(plan.hosted, rank, layers):
+        raise PrismError(f"rank {rank} ended with experts that differ from the plan's")
+    return store, {"rank": rank, "server": plan.servers[rank], "experts": [list(k) for k in store.experts()],
+                   "sha256": store.sha256()}

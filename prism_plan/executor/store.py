@@ -1,0 +1,184 @@
+"""ExpertStore: the routed experts one rank holds, keyed by (layer, expert), read selectively from a Hugging Face
+safetensors checkpoint.
+
+Checkpoints name expert tensors `[model.]layers.<layer>.<block>.experts.<rest>`: per-expert modules
+(`experts.<e>.w1.weight`, `experts.<e>.gate_proj.weight`, ...: transformers 4.x layouts and what 5.x writes for
+them) or fused tensors with experts on the first axis (`experts.gate_up_proj [E, ...]`, `experts.down_proj`).
+Only the headers of the checkpoint files are read to index it; loading reads only the tensors (or, for fused
+tensors, the rows) of the experts asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from prism_plan.errors import PrismError
+from prism_plan.executor import require_torch
+from prism_plan.placement.model import ModelSpec
+
+_EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\.[^.]+\.experts\.(.+)$")
+_DTYPES = {2: "bfloat16", 4: "float32"}
+# safetensors' dtype codes, as torch names
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One tensor of one expert: the file, the tensor's name there, the row for fused tensors (else None)."""
+
+    file: str
+    name: str
+    row: int | None
+
+
+@dataclass
+class CheckpointIndex:
+    """Where each expert's tensors are: sources[(layer, expert)][key]; shapes[(layer, key)] = (shape, dtype name)
+    of one expert's tensor. key: the tensor's name below the expert (`w1.weight`, `gate_up_proj`, ...)."""
+
+    folder: Path
+    sources: dict[tuple[int, int], dict[str, Source]] = field(default_factory=dict)
+    shapes: dict[tuple[int, str], tuple[tuple[int, ...], str]] = field(default_factory=dict)
+
+    def layout(self, layer: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """key -> (shape, dtype) of one expert of `layer`."""
+        return {k: v for (lay, k), v in self.shapes.items() if lay == layer}
+
+
+def index_checkpoint(folder: str | Path, model: ModelSpec) -> CheckpointIndex:
+    """Index the expert tensors of a safetensors checkpoint folder (headers only)."""
+    require_torch()
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise PrismError(f"{folder} holds no .safetensors files; pass the folder `save_pretrained` wrote")
+    index = CheckpointIndex(folder)
+    layers = set(model.layers)
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                m = _EXPERT.match(name)
+                if not m or int(m.group(1)) not in layers:
+                    continue
+                layer, rest = int(m.group(1)), m.group(2)
+                sl = f.get_slice(name)
+                shape, dtype = tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(str(sl.get_dtype()), str(sl.get_dtype()))
+                head, _, tail = rest.partition(".")
+                if head.isdigit():  # one module per expert
+                    index.sources.setdefault((layer, int(head)), {})[tail] = Source(path.name, name, None)
+                    index.shapes[(layer, tail)] = (shape, dtype)
+                elif shape and shape[0] == model.num_experts:  # experts fused on the first axis
+                    for e in range(model.num_experts):
+                        index.sources.setdefault((layer, e), {})[rest] = Source(path.name, name, e)
+                    index.shapes[(layer, rest)] = (shape[1:], dtype)
+    missing = [(x, e) for x in model.layers for e in range(model.num_experts) if (x, e) not in index.sources]
+    if missing:
+        raise PrismError(f"{folder}: no tensors for expert {missing[0][1]} of layer {missing[0][0]} (and "
+                         f"{len(missing) - 1} more); is this checkpoint for model {model.name!r}?")
+    return index
+
+
+def synthetic_layout(model: ModelSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A SwiGLU expert's tensors for a model without a checkpoint: gate/up [I, H], down [H, I], in the model's
+    activation dtype, I from the expert's size."""
+    h = model.hidden_size
+    inter = max(1, int(model.layer_bytes.max()) // (3 * h * model.act_bytes))
+    dtype = _DTYPES.get(model.act_bytes, "float32")
+    return {"gate_proj.weight": ((inter, h), dtype), "up_proj.weight": ((inter, h), dtype),
+            "down_proj.weight": ((h, inter), dtype)}
+
+
+def tensor_digest(tensors: dict) -> bytes:
+    """sha256 (32 bytes) of an expert's tensors, in key order: names, shapes, dtypes and raw bytes."""
+    torch = require_torch()
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(json.dumps([key, list(t.shape), str(t.dtype)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+class ExpertStore:
+    """The experts this rank holds: tensors[(layer, expert)] = {key: tensor on `device`}. `reads` logs every
+    checkpoint read as (tensor name, row or None)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.tensors: dict[tuple[int, int], dict] = {}
+        self.reads: list[tuple[str, int | None]] = []
+
+    def load(self, index: CheckpointIndex, wanted) -> "ExpertStore":
+        """Read the experts `wanted` ([(layer, expert)], model layer numbers) from the checkpoint."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[tuple[tuple[int, int], str, Source]]] = {}
+        for key in sorted(set(wanted)):
+            for name, src in index.sources[key].items():
+                by_file.setdefault(src.file, []).append((key, name, src))
+        for file, items in by_file.items():
+            with safe_open(str(index.folder / file), "pt", device=self.device) as f:
+                for key, name, src in items:
+                    t = f.get_tensor(src.name) if src.row is None else f.get_slice(src.name)[src.row]
+                    self.tensors.setdefault(key, {})[name] = t.contiguous()
+                    self.reads.append((src.name, src.row))
+        return self
+
+    def fill_synthetic(self, model: ModelSpec, wanted, seed: int = 0) -> "ExpertStore":
+        """Deterministic random weights for `wanted` experts (the same on every rank), for runs without a
+        checkpoint."""
+        torch = require_torch()
+        for layer, expert in sorted(set(wanted)):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 10_007 + expert)
+            self.tensors[(layer, expert)] = {
+                k: (torch.randn(shape, generator=g) * 0.02).to(getattr(torch, dtype)).to(self.device)
+                for k, (shape, dtype) in synthetic_layout(model).items()}
+        return self
+
+    def experts(self) -> list[tuple[int, int]]:
+        return sorted(self.tensors)
+
+    def digest(self, key: tuple[int, int]) -> bytes:
+        return tensor_digest(self.tensors[key])
+
+    def sha256(self) -> str:
+        """Hash of every expert held, in (layer, expert) order."""
+        h = hashlib.sha256()
+        for key in self.experts():
+            h.update(json.dumps(list(key)).encode())
+            h.update(self.digest(key))
+        return h.hexdigest()
+
+    def forward(self, key: tuple[int, int], x):
+        """One SwiGLU expert on hidden states x [tokens, hidden]: down(act(gate x) * up x)."""
+        import torch.nn.functional as F
+
+        t = self.tensors.get(key)
+        if t is None:
+            raise PrismError(f"this rank does not hold expert {key[1]} of layer {key[0]}")
+        x = x.to(next(iter(t.values())).dtype)
+        if "gate_up_proj" in t:  # fused, [2I, H] and [H, I]
+            gate, up = F.linear(x, t["gate_up_proj"]).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, t["down_proj"])
+        for gate_k, up_k, down_k in (("gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+                                     ("w1.weight", "w3.weight", "w2.weight")):
+            if gate_k in t:
+                return F.linear(F.silu(F.linear(x, t[gate_k])) * F.linear(x, t[up_k]), t[down_k])
+        raise PrismError(f"expert {key[1]} of layer {key[0]} has tensors {sorted(t)}; the distributed forward "
+                         f"knows SwiGLU experts (gate/up/down projections) only")
+
+
+def expert_list(hosted: np.ndarray, server: int, layers) -> list[tuple[int, int]]:
+    """[(model layer number, expert)] hosted by `server`. hosted: [servers, layers, experts] bool."""
+    ls, es = np.nonzero(hosted[server])
+    return [(int(layers[l]), int(e)) for l, e in zip(ls, es)]
