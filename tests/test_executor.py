@@ -20,7 +20,7 @@ from prism_plan.executor.launch import init_distributed  # noqa: E402
 from prism_plan.executor.moe import DistributedMoE  # noqa: E402
 from prism_plan.executor.store import ExpertStore, expert_list, index_checkpoint  # noqa: E402
 from prism_plan.executor import transfer  # noqa: E402
-from prism_plan.pipeline import make_plan  # noqa: E402
+from prism_plan.pipeline import DATA, make_plan  # noqa: E402
 from prism_plan.placement.cluster import GIB, parse_cluster  # noqa: E402
 from prism_plan.placement.migration import MigrationPlan, plan_migration  # noqa: E402
 from prism_plan.placement.model import from_hf_config  # noqa: E402
@@ -255,26 +255,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_prism_plan_apply_under_torchrun(tiny, tmp_path):
-    root, _, spec, _ = tiny
-    old, new, c3 = swap_case(spec)
-    c = cluster(spec, [3 * spec.num_layers + 1, 3 * spec.num_layers + 1], ("a", "b"))
-    old, new = old[:2], new[:2]
-    moves = plan_migration(old, new, c, spec)
-    routing = np.zeros((0, spec.num_layers, spec.num_experts), np.int64)
-    plan = Plan(spec, ("s0", "s1"), (), new, routing, "coverage", {"name": "hand", "status": "feasible"})
-    plan.save(tmp_path / "plan.json", c)
-    moves.to_sha256 = plan.sha256()
-    moves.save(tmp_path / "moves.json")
-    (tmp_path / "c.toml").write_text(f'[defaults]\n[[server]]\nname="s0"\nmemory_gib={c.budgets[0] / GIB}\n'
-                                     f'[[server]]\nname="s1"\nmemory_gib={c.budgets[1] / GIB}\n')
+def test_prism_plan_apply_under_torchrun_with_the_bundled_example(tmp_path):
+    tiny = DATA / "tiny"
+    plan = Plan.load(tiny / "plan-1.json")
+    args = ["apply", "--plan", tiny / "plan-1.json", "--moves", tiny / "moves-1.json", "--cluster",
+            tiny / "cluster.toml", "--checkpoint", tiny / "model", "--journal", tmp_path / "j", "--json"]
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(free_port()), "-m", "prism_plan.cli", "apply", "--plan", str(tmp_path / "plan.json"),
-                          "--moves", str(tmp_path / "moves.json"), "--cluster", str(tmp_path / "c.toml"),
-                          "--checkpoint", str(root / "model"), "--journal", str(tmp_path / "j"), "--json"],
+                          str(free_port()), "-m", "prism_plan.cli", *map(str, args)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = sorted((json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")), key=lambda d: d["rank"])
     assert [d["server"] for d in lines] == ["s0", "s1"]
+    index = index_checkpoint(tiny / "model", plan.model)
     for r, d in enumerate(lines):
-        assert [tuple(x) for x in d["experts"]] == expert_list(new, r, spec.layers)
+        keys = expert_list(plan.hosted, r, plan.model.layers)
+        assert [tuple(x) for x in d["experts"]] == keys
+        assert d["sha256"] == ExpertStore().load(index, keys).sha256()  # bit-identical to the checkpoint
+
+
+def test_apply_outside_torchrun_says_how_to_start_it(capsys):
+    from prism_plan.cli import main
+
+    tiny = DATA / "tiny"
+    code = main(["apply", "--plan", str(tiny / "plan-1.json"), "--cluster", str(tiny / "cluster.toml")])
+    assert code == 2 and "torchrun --nproc-per-node" in capsys.readouterr().err

@@ -10,9 +10,10 @@ from typing import ClassVar
 import numpy as np
 
 from prism_plan.errors import InfeasibleError, PrismError
-from prism_plan.placement.cluster import GIB, ClusterSpec
+from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.model import ModelSpec
 from prism_plan.placement.simulator import CostModel, Workload, prepare_workload
+from prism_plan.units import human_bytes
 from prism_plan.traces.tables import ActivationTables
 
 STATUSES = ("optimal", "feasible", "heuristic", "infeasible", "timeout")
@@ -121,10 +122,10 @@ def check_feasible(problem: PlacementProblem) -> None:
     else:  # a server holds each (layer, expert) once: memory beyond one full copy of the model is no use
         have = int(np.minimum(problem.budget, e * int(problem.layer_bytes.sum())).sum())
     if have < need:
-        lines = ", ".join(f"{n} {b / GIB:.2f} GiB" for n, b in zip(problem.server_names, problem.budget))
+        lines = ", ".join(f"{n} {human_bytes(b)}" for n, b in zip(problem.server_names, problem.budget))
         raise InfeasibleError(f"infeasible budget: {r} cop{'y' if r == 1 else 'ies'} of every expert need "
-                              f"{need / GIB:.2f} GiB but the servers hold {have / GIB:.2f} GiB of whole experts "
-                              f"({lines}); short by {(need - have) / GIB:.2f} GiB: raise memory_gib or add a server")
+                              f"{human_bytes(need)} but the servers hold {human_bytes(have)} of whole experts "
+                              f"({lines}); short by {human_bytes(need - have)}: raise memory_gib or add a server")
 
 
 def coverage_value(problem: PlacementProblem, hosted: np.ndarray) -> float:
