@@ -202,6 +202,7 @@ def test_planner_and_cli_work_without_torch(tmp_path):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
             "from prism_plan.cli import main\n"
             "assert main(['solve', '--tables', sys.argv[1], '--cluster', sys.argv[2], '-o', sys.argv[3]]) == 0\n"
+            "assert main(['apply', '--plan', sys.argv[3], '--cluster', sys.argv[2]]) == 2\n"
             "sys.exit(main(['profile', 'run', 'x', '--prompts', sys.argv[4], '-o', sys.argv[3] + '.parquet']))\n")
     from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE
 
@@ -211,6 +212,7 @@ def test_planner_and_cli_work_without_torch(tmp_path):
                           str(tmp_path / "plan.json"), str(tmp_path / "p.jsonl")], capture_output=True, text=True)
     assert run.returncode == 2 and (tmp_path / "plan.json").exists()
     assert "pip install 'prism-plan[profile]'" in run.stderr and "Traceback" not in run.stderr
+    assert "the executor needs torch, which is not installed: pip install 'prism-plan[torch]'" in run.stderr
 
 
 def test_trace_carries_the_model_shape_so_solve_needs_no_model(model_dirs, tmp_path, capsys):
