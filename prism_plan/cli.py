@@ -319,6 +319,47 @@ def simulate(plan_path, trace_path, cluster_path, concurrency, output, quiet, as
 
 
 @cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="Plan (.json).")
+@click.option("--format", "fmt", type=click.Choice(["sglang", "vllm-ascend", "eplb"]), required=True,
+              help="sglang: --init-expert-location JSON; vllm-ascend: expert_map_path JSON; eplb: phy2log, log2phy, "
+                   "logcnt (.npz).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="File to write.")
+@click.option("--tables", "tables_path", type=click.Path(path_type=Path),
+              help="Tables (.npz) whose activations pick the experts that fill spare slots (default: the routing).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def export(plan_path, fmt, output, tables_path, as_json) -> None:
+    """Write a plan in a serving system's format, checked the way that system reads it."""
+    from prism_plan.placement.export import export_plan
+    from prism_plan.placement.plan import Plan
+    from prism_plan.traces.tables import ActivationTables
+    from prism_plan.units import human_bytes
+
+    plan = Plan.load(plan_path)
+    freq = None
+    if tables_path is not None:
+        import numpy as np
+
+        tables = ActivationTables.load(tables_path)
+        plan.model.check_same_shape(tables, str(tables_path))
+        index = {o: i for i, o in enumerate(tables.origins)}
+        freq = np.stack([tables.freq[index[o]] if o in index else np.zeros(tables.freq.shape[1:])
+                         for o in plan.origins])
+    summary = export_plan(plan, fmt, output, freq)
+    if as_json:
+        _echo_json(summary)
+        return
+    click.echo(f"wrote {output}: {summary['ep_size']} EP ranks (rank i = server {', '.join(plan.servers)} in order), "
+               f"{summary['slots_per_gpu']} slots per GPU, {summary['physical_experts']} physical experts per layer")
+    if fmt == "sglang":
+        click.echo(f"start SGLang with --ep-size {summary['ep_size']} --ep-num-redundant-experts "
+                   f"{summary['redundant_experts']} --init-expert-location {output}")
+    padded = {s: n for s, n in summary["padding_bytes"].items() if n}
+    if padded:
+        click.echo("equal slots per GPU add second copies: " + ", ".join(f"{s} +{human_bytes(n)}"
+                                                                       for s, n in padded.items()))
+
+
+@cli.command()
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True,
               help="The plan to end at (.json); with --moves, the new plan `migrate` wrote.")
 @click.option("--cluster", "cluster_path", type=click.Path(path_type=Path), required=True, help="Cluster TOML.")
