@@ -397,6 +397,44 @@ def apply(plan_path, cluster_path, moves_path, checkpoint, journal_dir, timeout,
 
 
 @cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="Plan (.json).")
+@click.option("--tables", "tables_path", type=click.Path(path_type=Path), help="Tables (.npz): activation and "
+              "co-activation figures.")
+@click.option("--cluster", "cluster_path", type=click.Path(path_type=Path), help="Cluster TOML: budgets, and with "
+              "--trace the simulated comparison.")
+@click.option("--trace", "trace_path", type=click.Path(path_type=Path), help="Trace (.parquet) to replay through "
+              "the plan and the linear and EPLB baselines (needs --tables and --cluster).")
+@click.option("--layer", type=int, help="MoE layer number for the co-activation figure (default: the most "
+              "concentrated one).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="HTML file to write.")
+@click.option("--png", "png_dir", type=click.Path(path_type=Path), help="Also write every figure as PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def report(plan_path, tables_path, cluster_path, trace_path, layer, output, png_dir, as_json) -> None:
+    """Write one self-contained HTML report with plots of the plan and its traffic."""
+    from prism_plan.placement.cluster import load_cluster
+    from prism_plan.placement.plan import Plan
+    from prism_plan.report import build_report
+    from prism_plan.traces.tables import ActivationTables
+    from prism_plan.traces.trace import read_trace
+
+    plan = Plan.load(plan_path)
+    tables = ActivationTables.load(tables_path) if tables_path is not None else None
+    cluster = load_cluster(cluster_path) if cluster_path is not None else None
+    if cluster is not None:
+        plan.check_servers(cluster)
+    if trace_path is not None and (tables is None or cluster is None):
+        raise PrismError("--trace compares the plan with baselines: pass --tables and --cluster too")
+    trace = read_trace(trace_path) if trace_path is not None else None
+    rep = build_report(plan, tables, cluster, trace, layer)
+    rep.save(output, png_dir)
+    summary = {"path": str(output), "figures": [f.name for f in rep.figures], "png": str(png_dir) if png_dir else None}
+    if as_json:
+        _echo_json(summary)
+    else:
+        click.echo(f"wrote {output}: {len(rep.figures)} figures ({', '.join(summary['figures'])})")
+
+
+@cli.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("prism-quickstart"),
               show_default=True, help="Folder for the tables and the optimal plan.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Seconds per searching solver "
