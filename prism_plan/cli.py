@@ -329,21 +329,13 @@ def simulate(plan_path, trace_path, cluster_path, concurrency, output, quiet, as
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def export(plan_path, fmt, output, tables_path, as_json) -> None:
     """Write a plan in a serving system's format, checked the way that system reads it."""
-    from prism_plan.placement.export import export_plan
+    from prism_plan.placement.export import export_plan, origin_activations
     from prism_plan.placement.plan import Plan
     from prism_plan.traces.tables import ActivationTables
     from prism_plan.units import human_bytes
 
     plan = Plan.load(plan_path)
-    freq = None
-    if tables_path is not None:
-        import numpy as np
-
-        tables = ActivationTables.load(tables_path)
-        plan.model.check_same_shape(tables, str(tables_path))
-        index = {o: i for i, o in enumerate(tables.origins)}
-        freq = np.stack([tables.freq[index[o]] if o in index else np.zeros(tables.freq.shape[1:])
-                         for o in plan.origins])
+    freq = origin_activations(plan, ActivationTables.load(tables_path)) if tables_path is not None else None
     summary = export_plan(plan, fmt, output, freq)
     if as_json:
         _echo_json(summary)

@@ -7,8 +7,8 @@ import pytest
 
 from prism_plan.cli import main
 from prism_plan.pipeline import make_plan
-from prism_plan.placement.export import (ExportError, export_plan, physical_layout, read_eplb, read_sglang,
-                                         read_vllm_ascend, to_sglang)
+from prism_plan.placement.export import (ExportError, export_plan, origin_activations, physical_layout, read_eplb,
+                                         read_sglang, read_vllm_ascend, to_sglang)
 from prism_plan.solvers import build_problem, get_solver
 
 
@@ -50,7 +50,7 @@ def test_other_exports_round_trip(plan, tmp_path, fmt, reader):
 
 
 def test_spare_slots_repeat_the_servers_hottest_experts(plan, esft_tables):
-    freq = np.stack([esft_tables.freq[esft_tables.origins.index(o)] for o in plan.origins])
+    freq = origin_activations(plan, esft_tables)
     layout = physical_layout(plan, freq)
     s = int(np.argmax(layout.padding))
     l = int(np.argmin(plan.hosted[s].sum(axis=1)))
@@ -79,9 +79,11 @@ def test_sglang_checks_reject_bad_maps(plan, mutate, message):
         read_sglang(doc, plan)
 
 
-def test_cli_export_prints_what_sglang_needs(plan, tmp_path, capsys):
+def test_cli_export_prints_what_sglang_needs(plan, esft_tables, tmp_path, capsys):
     plan.save(tmp_path / "p.json")
-    assert main(["export", "--plan", str(tmp_path / "p.json"), "--format", "sglang", "-o", str(tmp_path / "s.json")]) == 0
+    esft_tables.save(tmp_path / "t.npz")
+    assert main(["export", "--plan", str(tmp_path / "p.json"), "--format", "sglang", "-o", str(tmp_path / "s.json"),
+                 "--tables", str(tmp_path / "t.npz")]) == 0
     out = capsys.readouterr().out
     assert "--ep-size 4 --ep-num-redundant-experts" in out and "second copies" in out
     assert main(["export", "--plan", str(tmp_path / "p.json"), "--format", "tensorrt", "-o", "x"]) == 2

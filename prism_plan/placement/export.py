@@ -42,6 +42,15 @@ class PhysicalLayout:
         return self.slots.shape[1] * self.slots.shape[2]
 
 
+def origin_activations(plan: Plan, tables) -> np.ndarray:
+    """[plan origins, layers, experts] activations of `tables` (ActivationTables of the same model) aligned to the
+    plan's origins; origins the tables lack count zero."""
+    plan.model.check_same_shape(tables, "the tables")
+    index = {o: i for i, o in enumerate(tables.origins)}
+    return np.stack([tables.freq[index[o]] if o in index else np.zeros(tables.freq.shape[1:])
+                     for o in plan.origins])
+
+
 def served_load(plan: Plan, freq: np.ndarray | None = None) -> np.ndarray:
     """[servers, layers, experts] activations the plan's routing sends to each server. freq: [plan origins,
     layers, experts] activations (default: one per origin, so it counts the origins served)."""
