@@ -87,9 +87,10 @@ def moe_routers(model) -> list[tuple[int, object]]:
     """[(layer number, router module)] of every MoE block, in layer order."""
     found = {}
     for name, module in model.named_modules():
-        router = getattr(module, "gate", None) if hasattr(module, "experts") else None
-        router = router if router is not None else (getattr(module, "router", None) if hasattr(module, "experts")
-                                                    else None)
+        if not hasattr(module, "experts"):
+            continue
+        router = getattr(module, "gate", None)
+        router = getattr(module, "router", None) if router is None else router
         m = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
         if router is not None and m and callable(router):
             found.setdefault(int(m.group(1)), router)
