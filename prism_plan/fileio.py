@@ -4,6 +4,7 @@ rename, so readers never see half a file."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -47,3 +48,23 @@ def read_user_text(path: str | os.PathLike, what: str) -> str:
         raise PrismError(f"no {what} at {path}")
     except (OSError, UnicodeDecodeError) as e:
         raise PrismError(f"cannot read {what} {path}: {e}")
+
+
+def read_user_json(path: str | os.PathLike, what: str, error: type[PrismError] = PrismError) -> object:
+    """The parsed JSON of a file the user named; `error` (one line) when it is missing or not JSON."""
+    text = read_user_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
+
+
+def check_header(d: object, fmt: str, version: int, what: str, where: str, error: type[PrismError],
+                 redo: str) -> None:
+    """Raise `error` unless `d` is a dict with "format": fmt and "version": version; `what` names the kind of
+    document, `redo` how to make a current one."""
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise error(f"{where} is not a prism-plan {what} (no \"format\": \"{fmt}\")")
+    if d.get("version") != version:
+        raise error(f"{where} has {what} version {d.get('version')}; this prism-plan reads version {version}: "
+                    f"upgrade prism-plan or {redo}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.fileio import read_user_text, write_text_atomic
+from prism_plan.fileio import check_header, read_user_json, write_text_atomic
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec
@@ -147,11 +147,8 @@ class MigrationPlan:
     @classmethod
     def from_dict(cls, d: dict, where: str = "moves") -> "MigrationPlan":
         """Parse a moves file (stage seconds as written; check it with `verify_migration`)."""
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise MigrationError(f"{where} is not a prism-plan moves file (no \"format\": \"{FORMAT}\")")
-        if d.get("version") != VERSION:
-            raise MigrationError(f"{where} has moves version {d.get('version')}; this prism-plan reads version "
-                                 f"{VERSION}")
+        check_header(d, FORMAT, VERSION, "moves file", where, MigrationError,
+                     "re-create it with `prism-plan migrate`")
         try:
             model = ModelSpec.from_dict(d["model"])
             servers = tuple(d["servers"])
@@ -179,11 +176,7 @@ class MigrationPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "MigrationPlan":
-        text = read_user_text(Path(path), "moves file")
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MigrationError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
+        d = read_user_json(path, "moves file", MigrationError)
         return cls.from_dict(d, where=str(path))
 
 

@@ -6,7 +6,6 @@ or from one of the presets, which are the published configs' MoE fields of real 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.fileio import read_user_text
+from prism_plan.fileio import read_user_json
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float8_e4m3fn": 1, "int8": 1}
 
@@ -171,11 +170,7 @@ def from_hf_config(config: Any, name: str | None = None) -> ModelSpec:
         path = Path(config)
         if path.is_dir():
             path = path / "config.json"
-        text = read_user_text(path, "model config (pass a preset name, a config.json or a model folder)")
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PrismError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
+        cfg = read_user_json(path, "model config (pass a preset name, a config.json or a model folder)")
         name = name or path.parent.name
     elif hasattr(config, "to_dict"):
         cfg = config.to_dict()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_plan.fileio import read_user_text, write_text_atomic
+from prism_plan.fileio import check_header, read_user_json, write_text_atomic
 from prism_plan.errors import PrismError
 from prism_plan.placement.cluster import GIB, ClusterSpec
 from prism_plan.placement.metrics import memory_used
@@ -122,11 +122,7 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
         """Parse and check a plan document."""
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise PlanError(f"{where} is not a prism-plan plan (no \"format\": \"{FORMAT}\")")
-        if d.get("version") != VERSION:
-            raise PlanError(f"{where} has plan version {d.get('version')}; this prism-plan reads version "
-                            f"{VERSION}: upgrade prism-plan or re-solve")
+        check_header(d, FORMAT, VERSION, "plan", where, PlanError, "re-solve")
         try:
             model = ModelSpec.from_dict(d["model"])
             servers = tuple(d["servers"])
@@ -150,10 +146,5 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         """Read a plan file."""
-        path = Path(path)
-        text = read_user_text(path, "plan file")
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
+        d = read_user_json(path, "plan file", PlanError)
         return cls.from_dict(d, where=str(path))
