@@ -121,7 +121,7 @@ def _apply_worker(rank, world, init, root, moves_path, old, spec_dict, journal, 
     index = index_checkpoint(root / "model", spec)
     journal_file = journal / f"rank{rank}.json" if journal else None
     first = transfer.resume_stage(journal_file, moves)
-    start = MigrationPlan(spec, moves.servers, moves.stages[:first], 1, 0).apply(old)
+    start = moves.apply(old, first)
     store = ExpertStore().load(index, expert_list(start, rank, spec.layers))
     if rank == corrupt_rank:  # this rank's sends carry a wrong checksum
         transfer.tensor_digest = lambda tensors: b"\0" * 32

@@ -48,12 +48,17 @@ def apply_on_rank(plan: Plan, cluster, rank: int, world: int, device: str = "cpu
                          f"(torchrun --nproc-per-node {len(plan.servers)})")
     plan.check_cluster(cluster)
     layers = plan.model.layers
-    start = plan.hosted
+    start, first, journal = plan.hosted, 0, None
     if moves is not None:
         if moves.to_sha256 and moves.to_sha256 != plan.sha256():
             raise PrismError("the moves lead to a different plan than --plan; pass the plan `migrate` wrote with them")
         start = placement_before(moves, plan.hosted)
         verify_migration(moves, start, plan.hosted, cluster)
+        if journal_dir is not None:
+            journal = Path(journal_dir) / f"journal-rank{rank}.json"
+            journal.parent.mkdir(parents=True, exist_ok=True)
+        first = resume_stage(journal, moves)
+        start = moves.apply(start, first)  # on a resume, where the experts stand after the stages already done
     wanted = expert_list(start, rank, layers)
     store = ExpertStore(device)
     if checkpoint is not None:
@@ -64,18 +69,6 @@ def apply_on_rank(plan: Plan, cluster, rank: int, world: int, device: str = "cpu
         store.fill_synthetic(plan.model, wanted)
         layout = lambda layer: synthetic_layout(plan.model)  # noqa: E731
     if moves is not None:
-        journal = None if journal_dir is None else Path(journal_dir) / f"journal-rank{rank}.json"
-        if journal is not None:
-            journal.parent.mkdir(parents=True, exist_ok=True)
-        first = resume_stage(journal, moves)
-        if first:  # resume: this rank's experts as they stood after the stages already done
-            done = MigrationPlan(moves.model, moves.servers, moves.stages[:first], moves.min_replicas, 0)
-            wanted = expert_list(done.apply(start), rank, layers)
-            store = ExpertStore(device)
-            if checkpoint is not None:
-                store.load(index, wanted)
-            else:
-                store.fill_synthetic(plan.model, wanted)
         apply_moves(store, moves, rank, layout, journal, first)
     if store.experts() != expert_list(plan.hosted, rank, layers):
         raise PrismError(f"rank {rank} ended with experts that differ from the plan's")

@@ -113,10 +113,11 @@ class MigrationPlan:
         """Copies made only to break a cycle (to free space, or to put back an expert moved aside)."""
         return int(sum(int(st.temporary.sum()) for st in self.stages))
 
-    def apply(self, hosted: np.ndarray) -> np.ndarray:
-        """The placement after every stage ([servers, layers, experts] bool), without checks."""
+    def apply(self, hosted: np.ndarray, stages: int | None = None) -> np.ndarray:
+        """The placement after the first `stages` stages (default all; [servers, layers, experts] bool), without
+        checks."""
         out = hosted.copy()
-        for st in self.stages:
+        for st in self.stages[:stages]:
             out[st.evicts[:, 2], st.evicts[:, 0], st.evicts[:, 1]] = False
             out[st.copies[:, 3], st.copies[:, 0], st.copies[:, 1]] = True
         return out
