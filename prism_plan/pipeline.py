@@ -11,7 +11,7 @@ from prism_plan.placement.migration import MigrationPlan, plan_migration
 from prism_plan.placement.model import ModelSpec
 from prism_plan.placement.plan import Plan
 from prism_plan.solvers import IncrementalSolver, build_problem, get_solver
-from prism_plan.solvers.base import PlacementProblem, SolveResult, relative_gap
+from prism_plan.solvers.base import PlacementProblem, SolveResult, placement_fits, relative_gap
 from prism_plan.solvers.incremental import traffic_move_cost
 from prism_plan.traces.tables import ActivationTables
 
@@ -72,8 +72,7 @@ def migrate_placement(plan: Plan, tables: ActivationTables, cluster: ClusterSpec
     now = solver.gross(problem, current, objective)
     new_value = result.extra["objective_without_moves"]
     gain = (new_value - now if objective == "coverage" else now - new_value) / max(abs(now), 1e-300)
-    fits = (memory_used(current, model.layer_bytes) <= cluster.budgets).all() and current.sum(axis=0).min() >= r
-    migrate = not fits or gain >= min_gain
+    migrate = not placement_fits(problem, current) or gain >= min_gain
     if not migrate:  # the solver's bound still says how far the kept placement is from the best one
         result = replace(result, hosted=current.copy(), routing=None, status="feasible", objective=now,
                          gap=relative_gap(now, result.bound, objective == "coverage"),

@@ -11,7 +11,6 @@ from prism_plan.placement.cluster import parse_cluster
 from prism_plan.placement.migration import needed_copy_bytes, verify_migration
 from prism_plan.solvers import IncrementalSolver, build_problem, get_solver
 from prism_plan.solvers.base import PlacementProblem, coverage_value
-from prism_plan.solvers.incremental import copied_bytes
 from prism_plan.solvers.objectives import latency_terms
 from prism_plan.traces.tables import build_tables
 from prism_plan.traces.trace import read_trace
@@ -22,7 +21,7 @@ def brute_net(problem, current, per_byte, budget, objective="coverage"):
     """Best objective net of move cost over every feasible placement within the budget."""
     best = None
     for x in feasible_placements(problem):
-        moved = copied_bytes(current, x, problem.layer_bytes)
+        moved = needed_copy_bytes(current, x, problem.layer_bytes)
         if budget is not None and moved > budget:
             continue
         if objective == "coverage":
@@ -57,7 +56,7 @@ def test_coverage_with_move_cost_and_budget_matches_brute_force(case):
     assert budget is None or res.extra["copied_bytes"] <= budget
     if per_byte == 0 and budget is None:  # no cost: the plain optimum, and the fewest copies that reach it
         assert res.objective == pytest.approx(get_solver("exact").solve(problem).objective)
-        fewest = min(copied_bytes(current, x, problem.layer_bytes) for x in feasible_placements(problem)
+        fewest = min(needed_copy_bytes(current, x, problem.layer_bytes) for x in feasible_placements(problem)
                      if coverage_value(problem, x) == pytest.approx(best))
         assert res.extra["copied_bytes"] == fewest
 

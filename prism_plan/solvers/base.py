@@ -11,6 +11,7 @@ import numpy as np
 
 from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.placement.cluster import ClusterSpec
+from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec
 from prism_plan.placement.simulator import CostModel, Workload, prepare_workload
 from prism_plan.units import human_bytes
@@ -126,6 +127,13 @@ def check_feasible(problem: PlacementProblem) -> None:
         raise InfeasibleError(f"infeasible budget: {r} cop{'y' if r == 1 else 'ies'} of every expert need "
                               f"{human_bytes(need)} but the servers hold {human_bytes(have)} of whole experts "
                               f"({lines}); short by {human_bytes(need - have)}: raise memory_gib or add a server")
+
+
+def placement_fits(problem: PlacementProblem, hosted: np.ndarray) -> bool:
+    """Whether `hosted` ([servers, layers, experts] bool) keeps every server within its memory and every expert
+    at min_replicas copies."""
+    return bool((memory_used(hosted, problem.layer_bytes) <= problem.budget).all()
+                and hosted.sum(axis=0).min() >= problem.min_replicas)
 
 
 def coverage_value(problem: PlacementProblem, hosted: np.ndarray) -> float:

@@ -27,7 +27,9 @@ from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.placement.cluster import GIB
 from prism_plan.solvers.backends import BACKENDS, MilpModel
 from prism_plan.solvers.backends.base import remaining_time
-from prism_plan.solvers.base import PlacementProblem, SolveResult, Solver, coverage_value, relative_gap
+from prism_plan.placement.migration import needed_copy_bytes
+from prism_plan.solvers.base import (PlacementProblem, SolveResult, Solver, coverage_value, placement_fits,
+                                     relative_gap)
 from prism_plan.solvers.exact import MILP_TOLERANCE, ExactSolver, coverage_milp, proven_status
 from prism_plan.solvers.flow import solve_flow
 from prism_plan.solvers.latency import SCALE, latency_milp, routing_from
@@ -38,11 +40,6 @@ from prism_plan.units import human_bytes
 BISECTION_STEPS = 40
 # The budgeted coverage MILP is handed to HiGHS only up to this many placement variables.
 MAX_MILP_VARIABLES = 250_000
-
-
-def copied_bytes(current: np.ndarray, hosted: np.ndarray, layer_bytes: np.ndarray) -> int:
-    """Bytes that must be copied to go from `current` to `hosted` ([servers, layers, experts] bool)."""
-    return int(((hosted & ~current).sum(axis=(0, 2)) * layer_bytes).sum())
 
 
 def traffic_move_cost(problem: PlacementProblem, weight: float = 1.0, objective: str = "coverage") -> float:
@@ -108,7 +105,7 @@ class IncrementalSolver(Solver):
                    "expected MoE seconds per token (latency model), plus") + " move cost x bytes copied"
         return SolveResult(hosted, self.name, status, value, bound, relative_gap(value, bound, maximize),
                            time.perf_counter() - start, objective, measure, routing,
-                           extra={"copied_bytes": copied_bytes(self.current, hosted, problem.layer_bytes),
+                           extra={"copied_bytes": self.copied(problem, hosted),
                                   "move_cost_per_byte": self.move_cost, "budget_bytes": self.budget_bytes,
                                   "objective_without_moves": gross})
 
@@ -120,20 +117,20 @@ class IncrementalSolver(Solver):
         return float(sum(latency_terms(problem, hosted, routing)))
 
     def net(self, problem: PlacementProblem, hosted: np.ndarray, objective: str = "coverage", routing=None) -> float:
-        cost = self.move_cost * copied_bytes(self.current, hosted, problem.layer_bytes)
+        cost = self.move_cost * self.copied(problem, hosted)
         gross = self.gross(problem, hosted, objective, routing)
         return gross - cost if objective == "coverage" else gross + cost
+
+    def copied(self, problem: PlacementProblem, hosted: np.ndarray) -> int:
+        """Bytes that must be copied to go from the current placement to `hosted`."""
+        return needed_copy_bytes(self.current, hosted, problem.layer_bytes)
 
     def _copy_bytes(self, problem: PlacementProblem) -> np.ndarray:
         """bytes: [servers, layers, experts], what hosting each cell costs to copy (0 where it is already)."""
         return np.where(self.current, 0, problem.layer_bytes[None, :, None]).astype(float)
 
     def _within_budget(self, problem: PlacementProblem, hosted: np.ndarray) -> bool:
-        return self.budget_bytes is None or copied_bytes(self.current, hosted, problem.layer_bytes) <= self.budget_bytes
-
-    def _fits(self, problem: PlacementProblem, hosted: np.ndarray) -> bool:
-        used = (hosted.sum(axis=2) * problem.layer_bytes[None, :]).sum(axis=1)
-        return bool((used <= problem.budget).all() and hosted.sum(axis=0).min() >= problem.min_replicas)
+        return self.budget_bytes is None or self.copied(problem, hosted) <= self.budget_bytes
 
     # coverage
 
@@ -169,7 +166,7 @@ class IncrementalSolver(Solver):
         for i in range(BISECTION_STEPS + 2):
             lam = (0.0, hi)[i] if i < 2 else 0.5 * (lo + hi)
             hosted, slack = self._flow(problem, self.move_cost + lam)
-            moved = copied_bytes(self.current, hosted, problem.layer_bytes)
+            moved = self.copied(problem, hosted)
             bound = min(bound, self.net(problem, hosted) - lam * (moved - budget) + slack)
             if moved <= budget:
                 value = self.net(problem, hosted)
@@ -222,7 +219,7 @@ class IncrementalSolver(Solver):
         sol = BACKENDS[self.backend]().solve(model, 60.0)
         if sol.x is None:
             return int(self.budget_bytes) + 1
-        return copied_bytes(self.current, sol.x.reshape(problem.shape) > 0.5, problem.layer_bytes)
+        return self.copied(problem, sol.x.reshape(problem.shape) > 0.5)
 
     # latency
 
@@ -232,7 +229,7 @@ class IncrementalSolver(Solver):
             raise PrismError("this problem is too large for the incremental latency MILP; migrate with "
                              "--objective coverage")
         start = self.current
-        if not (self._fits(problem, start) and self._within_budget(problem, start)):
+        if not (placement_fits(problem, start) and self._within_budget(problem, start)):
             start = IncrementalSolver(current=self.current, budget_bytes=self.budget_bytes)._solve(problem)[0]
         model, cells = latency_milp(problem, start)
         s_n, l_n, e_n = problem.shape
