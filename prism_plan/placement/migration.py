@@ -54,10 +54,15 @@ class Stage:
         return cls(ev, cp, tmp)
 
 
+def expert_seconds(cluster: ClusterSpec, layer_bytes: np.ndarray) -> np.ndarray:
+    """seconds: [servers (src), servers (dst), layers], sending one expert of each layer (latency + bytes /
+    bandwidth)."""
+    return cluster.latency[:, :, None] + layer_bytes[None, None, :] / cluster.bandwidth[:, :, None]
+
+
 def copy_seconds(copies: np.ndarray, cluster: ClusterSpec, layer_bytes: np.ndarray) -> np.ndarray:
-    """seconds: [copies], one expert over its link (latency + bytes / bandwidth). copies: [m, 4] as in Stage."""
-    src, dst = copies[:, 2], copies[:, 3]
-    return cluster.latency[src, dst] + layer_bytes[copies[:, 0]] / cluster.bandwidth[src, dst]
+    """seconds: [copies], one expert over its link. copies: [m, 4] as in Stage."""
+    return expert_seconds(cluster, layer_bytes)[copies[:, 2], copies[:, 3], copies[:, 0]]
 
 
 def stage_seconds(copies: np.ndarray, cluster: ClusterSpec, layer_bytes: np.ndarray) -> float:
@@ -187,11 +192,6 @@ def needed_copy_bytes(old: np.ndarray, new: np.ndarray, layer_bytes: np.ndarray)
     return int(((new & ~old).sum(axis=(0, 2)) * layer_bytes).sum())
 
 
-def _source_cost(cluster: ClusterSpec, layer_bytes: np.ndarray) -> np.ndarray:
-    """seconds: [servers (src), servers (dst), layers], sending one expert of each layer."""
-    return cluster.latency[:, :, None] + layer_bytes[None, None, :] / cluster.bandwidth[:, :, None]
-
-
 def _cheapest_sources(state: np.ndarray, copies: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """[m] the holder in `state` cheapest to send each copy (layer, expert, -, dst) from."""
     l, e, dst = copies[:, 0], copies[:, 1], copies[:, 3]
@@ -210,7 +210,7 @@ class _Planner:
         self.temporary = np.zeros_like(old)  # copies parked in free space, to be evicted again
         self.size = model.layer_bytes
         self.budget = cluster.budgets
-        self.cost = _source_cost(cluster, self.size)
+        self.cost = expert_seconds(cluster, self.size)
         self.r = min_replicas
         self.names = cluster.names
 
@@ -377,7 +377,7 @@ def verify_migration(plan: MigrationPlan, old: np.ndarray, new: np.ndarray, clus
     if old.shape != shape or new.shape != shape:
         raise MigrationError(f"placements must have shape {list(shape)} for these moves")
     size, budget, r = model.layer_bytes, cluster.budgets, plan.min_replicas
-    cost = _source_cost(cluster, size)
+    cost = expert_seconds(cluster, size)
     state = old.copy()
     for k, st in enumerate(plan.stages, 1):
         ev, cp = st.evicts, st.copies
