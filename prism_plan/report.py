@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from prism_plan.errors import PrismError
 from prism_plan.fileio import atomic_path, write_text_atomic
 from prism_plan.placement.cluster import GIB, ClusterSpec
 from prism_plan.placement.plan import Plan
@@ -192,7 +193,7 @@ def latency_figures(results: dict, servers) -> list[Figure]:
 
 
 def build_report(plan: Plan, tables: ActivationTables | None = None, cluster: ClusterSpec | None = None,
-                 trace=None, layer: int | None = None, quiet: bool = True) -> Report:
+                 trace=None, layer: int | None = None) -> Report:
     """Every figure the inputs allow. layer: the model's layer number for the co-activation figure (default: the
     layer whose activations are most concentrated)."""
     from prism_plan.placement.simulator import simulate
@@ -212,8 +213,6 @@ def build_report(plan: Plan, tables: ActivationTables | None = None, cluster: Cl
             index = int(np.argmax((share**2).sum(axis=1)))
         else:
             if layer not in tables.layers:
-                from prism_plan.errors import PrismError
-
                 raise PrismError(f"layer {layer} is not a MoE layer of the tables ({tables.layers[0]}.."
                                  f"{tables.layers[-1]})")
             index = tables.layers.index(layer)
