@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from prism_plan.comparison import compare, format_rows
-from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE
+from prism_plan.studies.comparison import compare, format_rows
+from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 from prism_plan.placement.cluster import load_cluster, parse_cluster
-from prism_plan.traces.trace import read_trace
+from prism_plan.traces.trace import load_trace
 
 
 def _servers(memory, compute):
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per searching solver")
     ap.add_argument("--cluster", action="append", choices=["edge-4", *HELD_OUT], help="default: all")
     args = ap.parse_args()
-    profile, evaluation = read_trace(BUNDLED_TRACE).split_requests(0.5)
+    profile, evaluation = load_trace(BUNDLED_TRACE).split_requests(0.5)
     print(f"profiling half: {profile.num_tokens} tokens; evaluation half: {evaluation.num_tokens} tokens")
     clusters = {"edge-4": load_cluster(BUNDLED_CLUSTER), **{k: parse_cluster(v, k) for k, v in HELD_OUT.items()}}
     for name in args.cluster or list(clusters):

@@ -14,12 +14,12 @@ from dataclasses import replace
 import numpy as np
 from solver_scaling import zipf_problem
 
-from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_MODEL, BUNDLED_TRACE
+from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_MODEL, BUNDLED_TRACE
 from prism_plan.placement.cluster import load_cluster
 from prism_plan.placement.model import resolve_model
 from prism_plan.placement.simulator import CostModel
 from prism_plan.solvers import build_problem, get_solver
-from prism_plan.solvers.base import PlacementProblem
+from prism_plan.solvers.problem import PlacementProblem
 from prism_plan.traces.tables import tables_from_trace
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from prism_plan.drift_study import Strategy, replay_drift, with_benefit
-from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_MODEL, BUNDLED_TRACE
+from prism_plan.studies.drift import Strategy, replay_drift, with_benefit
+from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_MODEL, BUNDLED_TRACE
 from prism_plan.placement.cluster import GIB, load_cluster
 from prism_plan.placement.model import resolve_model
 from prism_plan.traces.drift import drifting_workload
-from prism_plan.traces.trace import read_trace
+from prism_plan.traces.trace import load_trace
 
 
 def strategies(objective: str) -> list[Strategy]:
@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
 
     began = time.perf_counter()
-    windows = drifting_workload(read_trace(BUNDLED_TRACE), args.windows, args.window_tokens, seed=args.seed)
+    windows = drifting_workload(load_trace(BUNDLED_TRACE), args.windows, args.window_tokens, seed=args.seed)
     rows = with_benefit(replay_drift(windows, load_cluster(BUNDLED_CLUSTER), resolve_model(BUNDLED_MODEL),
                                      strategies(args.objective), args.time_limit, quiet=False))
     print(f"drifting ESFT workload: {args.windows} windows x 4 streams x {args.window_tokens} tokens on "

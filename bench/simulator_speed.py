@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import time
 
-from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_MODEL, BUNDLED_TRACE, solve_placement
+from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_MODEL, BUNDLED_TRACE
+from prism_plan.pipeline import solve_placement
 from prism_plan.placement.cluster import load_cluster
 from prism_plan.placement.model import resolve_model
 from prism_plan.placement.simulator import simulate
 from prism_plan.traces.tables import tables_from_trace
-from prism_plan.traces.trace import Trace, read_trace
+from prism_plan.traces.trace import Trace, load_trace
 
 
 def main() -> None:
-    trace = read_trace(BUNDLED_TRACE)
+    trace = load_trace(BUNDLED_TRACE)
     cluster = load_cluster(BUNDLED_CLUSTER)
     plan = solve_placement(tables_from_trace(BUNDLED_TRACE), cluster, resolve_model(BUNDLED_MODEL))
     print(f"{'tokens':>9} {'events':>11} {'seconds':>8} {'events/s':>12}")

@@ -14,7 +14,7 @@ import numpy as np
 
 from prism_plan.placement.model import resolve_model
 from prism_plan.solvers import get_solver
-from prism_plan.solvers.base import PlacementProblem
+from prism_plan.solvers.problem import PlacementProblem
 
 CASES = [("deepseek-v2-lite", 4), ("qwen3-30b-a3b", 8), ("deepseek-v3", 16)]
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 
-from prism_plan.pipeline import BUNDLED_TRACE
+from prism_plan.studies.bundled import BUNDLED_TRACE
 from prism_plan.traces.tables import build_tables
-from prism_plan.traces.trace import read_trace
+from prism_plan.traces.trace import load_trace
 
 
 def best_of(fn, repeat: int = 5) -> float:
@@ -22,12 +22,12 @@ def best_of(fn, repeat: int = 5) -> float:
 
 
 def main() -> None:
-    read_trace(BUNDLED_TRACE)  # warm up imports and the page cache
-    trace = read_trace(BUNDLED_TRACE)
-    rows = [("read Parquet trace", best_of(lambda: read_trace(BUNDLED_TRACE))),
+    load_trace(BUNDLED_TRACE)  # warm up imports and the page cache
+    trace = load_trace(BUNDLED_TRACE)
+    rows = [("read Parquet trace", best_of(lambda: load_trace(BUNDLED_TRACE))),
             ("freq + tokens", best_of(lambda: build_tables([trace], pairs=False))),
             ("freq + coact + trans", best_of(lambda: build_tables([trace]))),
-            ("read + all tables", best_of(lambda: build_tables([read_trace(BUNDLED_TRACE)])))]
+            ("read + all tables", best_of(lambda: build_tables([load_trace(BUNDLED_TRACE)])))]
     print(f"{'step':24} {'seconds':>8}   ({trace.num_tokens} tokens x {trace.experts.shape[1]} layers x top-"
           f"{trace.experts.shape[2]})")
     for name, sec in rows:

@@ -10,7 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from prism_plan.errors import PrismError
+from prism_plan.errors import MissingInputError, PrismError
+
+# Files that ship with the package (the quickstart's trace and cluster, the tiny executor example).
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 @contextlib.contextmanager
@@ -45,7 +48,7 @@ def read_user_text(path: str | os.PathLike, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise PrismError(f"no {what} at {path}")
+        raise MissingInputError(f"no {what} at {path}")
     except (OSError, UnicodeDecodeError) as e:
         raise PrismError(f"cannot read {what} {path}: {e}")
 
@@ -68,3 +71,13 @@ def check_header(d: object, fmt: str, version: int, what: str, where: str, error
     if d.get("version") != version:
         raise error(f"{where} has {what} version {d.get('version')}; this prism-plan reads version {version}: "
                     f"upgrade prism-plan or {redo}")
+
+
+def bundled_or_given(path: str | os.PathLike, suffix: str) -> Path:
+    """`path` itself when it exists or names a folder, else the bundled file it names (`edge-4` is
+    DATA_DIR/edge-4.toml for suffix ".toml"), else `path` (whose reader then says it is missing)."""
+    path = Path(path)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    bundled = DATA_DIR / (path.name if path.suffix == suffix else path.name + suffix)
+    return bundled if bundled.is_file() else path

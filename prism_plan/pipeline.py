@@ -1,34 +1,59 @@
-"""The pipeline's steps as library calls: tables -> solve -> Plan. The CLI only wraps these."""
+"""The pipeline's steps as library calls: tables -> problem -> solve -> Plan, and a re-plan with its moves.
+
+Every function takes the objects or the paths of the files that hold them (a bundled cluster by name); the
+CLI and the studies go through `solve_problem` and `make_plan`, the one path from a problem to a plan.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-from prism_plan.placement.cluster import ClusterSpec
-from prism_plan.placement.metrics import coverage_metrics, memory_used, route
+import numpy as np
+
+from prism_plan.errors import PrismError
+from prism_plan.placement.cluster import ClusterSpec, load_cluster
+from prism_plan.placement.metrics import coverage_metrics
 from prism_plan.placement.migration import MigrationPlan, plan_migration
-from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.model import ModelSpec, resolve_model
 from prism_plan.placement.plan import Plan
 from prism_plan.solvers import IncrementalSolver, build_problem, get_solver
-from prism_plan.solvers.base import PlacementProblem, SolveResult, placement_fits, relative_gap
+from prism_plan.solvers.objectives import get_objective, nearest_routing, relative_gap
+from prism_plan.solvers.base import SolveResult
 from prism_plan.solvers.incremental import traffic_move_cost
+from prism_plan.solvers.problem import PlacementProblem, placement_fits
 from prism_plan.traces.tables import ActivationTables
+from prism_plan.traces.trace import Trace
 
-DATA = Path(__file__).parent / "data"
-BUNDLED_TRACE = DATA / "esft-deepseek-v2-lite.parquet"
-BUNDLED_CLUSTER = DATA / "edge-4.toml"
-BUNDLED_MODEL = "deepseek-v2-lite"
+TablesLike = ActivationTables | str | Path
+ClusterLike = ClusterSpec | str | Path
+PlanLike = Plan | str | Path
 
 
-def make_plan(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec, problem: PlacementProblem,
-              result: SolveResult) -> Plan:
-    """Wrap a solver's placement into a checked Plan with routing, metrics and provenance."""
-    homes = cluster.homes(list(tables.origins))
-    routing = route(result.hosted, homes, problem.hop_seconds) if result.routing is None else result.routing[homes]
+def _tables(tables: TablesLike) -> ActivationTables:
+    return tables if isinstance(tables, ActivationTables) else ActivationTables.load(tables)
+
+
+def _cluster(cluster: ClusterLike) -> ClusterSpec:
+    return cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
+
+
+def _plan(plan: PlanLike) -> Plan:
+    return plan if isinstance(plan, Plan) else Plan.load(plan)
+
+
+def make_plan(problem: PlacementProblem, result: SolveResult) -> Plan:
+    """Wrap a solver's placement for a problem built by `build_problem` into a checked Plan with routing,
+    metrics and provenance."""
+    tables, cluster, model = problem.tables, problem.cluster, problem.model
+    if tables is None or cluster is None or model is None:
+        raise PrismError("make_plan needs a `problem` made by build_problem (it names the tables, cluster and model "
+                         "behind it)", parameters=("problem",))
+    homes = problem.homes
+    routing = nearest_routing(problem, result.hosted, homes) if result.routing is None else result.routing[homes]
     metrics = coverage_metrics(tables.freq, tables.tokens, homes, routing, result.hosted, model.layer_bytes,
                                model.token_bytes)
-    metrics["memory_bytes"] = dict(zip(cluster.names, memory_used(result.hosted, model.layer_bytes).tolist()))
+    metrics["memory_bytes"] = dict(zip(cluster.names, problem.memory(result.hosted).tolist()))
     plan = Plan(model, tuple(cluster.names), tuple(tables.origins), result.hosted, routing,
                 result.objective_name, result.evidence(), metrics,
                 {"tables_sha256": tables.sha256(), "cluster_sha256": cluster.sha256()}, problem.min_replicas)
@@ -36,51 +61,79 @@ def make_plan(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec, 
     return plan
 
 
-def solve_placement(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec, solver: str = "exact",
-                    objective: str = "coverage", time_limit: float | None = None, min_replicas: int = 1,
-                    seed: int = 0, trace=None, concurrency: int = 1, **options) -> Plan:
-    """Solve for a placement of `model`'s experts on `cluster` under the activations in `tables`.
+def solve_problem(problem: PlacementProblem, solver: str = "exact", *, objective: str = "coverage",
+                  **options) -> Plan:
+    """Solve a problem built by `build_problem` with the solver named `solver` (its keyword `options`:
+    time_limit, seed, backend, start...) for `objective`, and make the plan."""
+    return make_plan(problem, get_solver(solver, **options).solve(problem, objective))
 
-    time_limit: seconds for solvers that search (None: no limit). trace: the Trace behind `tables`, needed by
-    objectives judged by replaying it (traffic, local-search latency). options: solver options (local-search:
-    start, a hosted array to improve).
+
+def solve_placement(tables: TablesLike, cluster: ClusterLike, model: ModelSpec | str | Path | None = None, *,
+                    solver: str = "exact", objective: str = "coverage", time_limit: float | None = None,
+                    min_replicas: int = 1, seed: int = 0, backend: str | None = None, trace: Trace | str | Path | None = None,
+                    concurrency: int = 1, start: PlanLike | None = None) -> Plan:
+    """Solve for a placement of the model's experts on `cluster` under the activations in `tables`.
+
+    model: default the one the tables were recorded from. time_limit: seconds for the whole solve (None: no
+    limit). backend: the MILP back end of exact (highs, scip, cbc). trace: the Trace behind `tables`, needed by
+    objectives judged by replaying it (traffic, simulated_ttft). start: a plan local-search improves.
     """
-    problem = build_problem(tables, cluster, model, min_replicas, trace, concurrency)
-    result = get_solver(solver, time_limit=time_limit, seed=seed, **options).solve(problem, objective)
-    return make_plan(tables, cluster, model, problem, result)
+    tables, cluster = _tables(tables), _cluster(cluster)
+    get_objective(objective)
+    model = None if model is None else resolve_model(model)
+    if isinstance(trace, (str, Path)):
+        trace = Trace.load(trace)
+    options = {"time_limit": time_limit, "seed": seed}
+    if backend is not None:
+        options["backend"] = backend
+    problem = build_problem(tables, cluster, model, min_replicas=min_replicas, trace=trace, concurrency=concurrency)
+    if start is not None:
+        start = _plan(start)
+        start.check_cluster(cluster)
+        problem.model.check_same_shape(start.model, "the start plan")
+        options["start"] = start.hosted
+    return solve_problem(problem, solver, objective=objective, **options)
 
 
-def migrate_placement(plan: Plan, tables: ActivationTables, cluster: ClusterSpec, move_cost: float = 0.0,
-                      budget_bytes: int | None = None, min_gain: float = 0.0, min_replicas: int | None = None,
-                      time_limit: float | None = None, objective: str = "coverage") -> tuple[Plan, MigrationPlan]:
+def migrate_placement(plan: PlanLike, tables: TablesLike, cluster: ClusterLike, *, objective: str = "coverage",
+                      move_cost: float = 0.0, budget_bytes: int | None = None, min_gain: float = 0.0,
+                      min_replicas: int | None = None, time_limit: float | None = None,
+                      backend: str = "highs") -> tuple[Plan, MigrationPlan]:
     """Re-plan `plan` for the activations in `tables` and order the moves there.
 
-    objective: coverage or latency (the latency model's MILP). move_cost: bytes copied count move_cost times as
+    objective: coverage or latency (the latency model). move_cost: bytes copied count move_cost times as
     much as the remote-traffic bytes the new placement saves over the tables' tokens (0: only prefer fewer moves
     among equally good placements). budget_bytes: most bytes to copy (None: no limit). min_gain: keep the current
     placement (no moves) unless the new one improves the objective by this fraction. min_replicas: default the
     plan's. Raises a PrismError when the budget cannot reach a placement that fits, or the moves cannot be ordered.
     """
+    plan, tables, cluster = _plan(plan), _tables(tables), _cluster(cluster)
+    if objective not in IncrementalSolver.objectives:
+        raise PrismError(f"migrate re-plans for coverage or latency, not {objective!r}: pass `objective` as one of "
+                         f"them", parameters=("objective",))
+    for name, value in (("move_cost", move_cost), ("min_gain", min_gain)):
+        if not np.isfinite(value) or value < 0:
+            raise PrismError(f"`{name}` must be a non-negative number, got {value!r}", parameters=(name,))
     plan.check_servers(cluster)
-    model = plan.model
     r = plan.min_replicas if min_replicas is None else min_replicas
-    problem = build_problem(tables, cluster, model, r)
+    problem = build_problem(tables, cluster, plan.model, min_replicas=r)
     current = plan.hosted
-    solver = IncrementalSolver(time_limit=time_limit, current=current, budget_bytes=budget_bytes,
-                               move_cost=traffic_move_cost(problem, move_cost, objective))
+    solver = IncrementalSolver(current, move_cost=traffic_move_cost(problem, move_cost, objective),
+                               budget_bytes=budget_bytes, time_limit=time_limit, backend=backend)
     result = solver.solve(problem, objective)
-    now = solver.gross(problem, current, objective)
+    maximize = get_objective(objective).maximize
+    now = get_objective(objective).value(problem, current)
     new_value = result.extra["objective_without_moves"]
-    gain = (new_value - now if objective == "coverage" else now - new_value) / max(abs(now), 1e-300)
+    gain = (new_value - now if maximize else now - new_value) / max(abs(now), 1e-300)
     migrate = not placement_fits(problem, current) or gain >= min_gain
     if not migrate:  # the solver's bound still says how far the kept placement is from the best one
         result = replace(result, hosted=current.copy(), routing=None, status="feasible", objective=now,
-                         gap=relative_gap(now, result.bound, objective == "coverage"),
+                         gap=relative_gap(now, result.bound, maximize),
                          extra={**result.extra, "copied_bytes": 0, "objective_without_moves": now})
     result.extra.update({"migrated": bool(migrate), "predicted_gain": gain, "min_gain": min_gain,
                          "move_cost": move_cost})
-    new = make_plan(tables, cluster, model, problem, result)
+    new = make_plan(problem, result)
     new.inputs["from_plan_sha256"] = plan.sha256()
-    moves = plan_migration(current, new.hosted, cluster, model, r)
+    moves = plan_migration(current, new.hosted, cluster, plan.model, r)
     moves.from_sha256, moves.to_sha256 = plan.sha256(), new.sha256()
     return new, moves

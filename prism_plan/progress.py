@@ -45,3 +45,15 @@ def counter(description: str, total: int, unit: str, quiet: bool = False) -> Ite
             done[0] += units
             bar.update(task, advance=items, units=done[0])
         yield advance
+
+
+@contextmanager
+def spinner(description: str, quiet: bool = False) -> Iterator[None]:
+    """A spinner naming the step while a block runs that cannot count its progress (a solver, say)."""
+    if not show_progress(quiet):
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(description):
+        yield

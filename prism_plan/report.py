@@ -16,9 +16,13 @@ import pandas as pd
 
 from prism_plan.errors import PrismError
 from prism_plan.fileio import atomic_path, write_text_atomic
-from prism_plan.placement.cluster import GIB, ClusterSpec
+from prism_plan.placement.cluster import GIB, ClusterSpec, load_cluster
+from prism_plan.pipeline import solve_problem
 from prism_plan.placement.plan import Plan
+from prism_plan.placement.simulator import simulate
+from prism_plan.solvers import build_problem
 from prism_plan.traces.tables import ActivationTables
+from prism_plan.traces.trace import Trace
 
 BASELINES = ("linear", "eplb")
 
@@ -192,12 +196,16 @@ def latency_figures(results: dict, servers) -> list[Figure]:
     return [cdf, links]
 
 
-def build_report(plan: Plan, tables: ActivationTables | None = None, cluster: ClusterSpec | None = None,
-                 trace=None, layer: int | None = None) -> Report:
-    """Every figure the inputs allow. layer: the model's layer number for the co-activation figure (default: the
-    layer whose activations are most concentrated)."""
-    from prism_plan.placement.simulator import simulate
-
+def build_report(plan: Plan, *, tables: ActivationTables | None = None, cluster: ClusterSpec | None = None,
+                 trace: Trace | None = None, layer: int | None = None) -> Report:
+    """Every figure the inputs allow. trace: replayed through the plan and the baselines (needs tables and
+    cluster). layer: the model's layer number for the co-activation figure (default: the layer whose
+    activations are most concentrated)."""
+    if cluster is not None:
+        plan.check_servers(cluster)
+    if trace is not None and (tables is None or cluster is None):
+        raise PrismError("a trace compares the plan with baselines: pass `tables` and `cluster` too",
+                         parameters=("tables", "cluster"))
     rep = Report(f"prism-plan report: {plan.model.name} on {', '.join(plan.servers)}")
     rep.tables.append(("Plan", pd.DataFrame({
         "value": [plan.objective, plan.solver.get("name"), plan.solver.get("status"), plan.solver.get("gap"),
@@ -213,25 +221,38 @@ def build_report(plan: Plan, tables: ActivationTables | None = None, cluster: Cl
             index = int(np.argmax((share**2).sum(axis=1)))
         else:
             if layer not in tables.layers:
-                raise PrismError(f"layer {layer} is not a MoE layer of the tables ({tables.layers[0]}.."
-                                 f"{tables.layers[-1]})")
+                raise PrismError(f"`layer` {layer} is not a MoE layer of the tables ({tables.layers[0]}.."
+                                 f"{tables.layers[-1]})", parameters=("layer",))
             index = tables.layers.index(layer)
         co = coactivation(tables, index)
         if co is not None:
             rep.figures.append(co)
     rep.figures.append(placement_map(plan))
     rep.figures.append(memory_figure(plan, cluster))
-    if trace is not None and cluster is not None and tables is not None:
-        from prism_plan.pipeline import make_plan
-        from prism_plan.solvers import build_problem, get_solver
-
+    if trace is not None:
         results = {"this plan": simulate(plan, trace, cluster)}
-        problem = build_problem(tables, cluster, plan.model, plan.min_replicas)
+        problem = build_problem(tables, cluster, plan.model, min_replicas=plan.min_replicas)
         for name in BASELINES:
-            base = make_plan(tables, cluster, plan.model, problem, get_solver(name).solve(problem))
-            results[name] = simulate(base, trace, cluster)
+            results[name] = simulate(solve_problem(problem, name), trace, cluster)
         rep.figures += latency_figures(results, plan.servers)
         rep.tables.append(("Simulated on the trace", pd.DataFrame(
             [{k: r.summary()[k] for k in ("ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "remote_bytes_per_token",
                                           "local_coverage")} for r in results.values()], index=list(results))))
+    return rep
+
+
+def write_report(plan: Plan | str | Path, output: str | Path, *, tables: ActivationTables | str | Path | None = None,
+                 cluster: ClusterSpec | str | Path | None = None, trace: Trace | str | Path | None = None,
+                 layer: int | None = None, png_dir: str | Path | None = None) -> Report:
+    """Build the report from the inputs (objects or their files, see `build_report`) and write the HTML to
+    `output` (and every figure as PNG into `png_dir`); returns the Report."""
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if tables is not None and not isinstance(tables, ActivationTables):
+        tables = ActivationTables.load(tables)
+    if cluster is not None and not isinstance(cluster, ClusterSpec):
+        cluster = load_cluster(cluster)
+    if trace is not None and not isinstance(trace, Trace):
+        trace = Trace.load(trace)
+    rep = build_report(plan, tables=tables, cluster=cluster, trace=trace, layer=layer)
+    rep.save(output, png_dir)
     return rep

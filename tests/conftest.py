@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE
+from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 from prism_plan.placement.cluster import load_cluster
 from prism_plan.placement.model import resolve_model
 from prism_plan.traces.tables import tables_from_trace

@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from prism_plan.cli import main
-from prism_plan.comparison import ROWS
-from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE
+from prism_plan.studies.comparison import ROWS
+from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 
 
 def run(capsys, *args):
@@ -82,7 +82,7 @@ def test_user_errors(tmp_path, capsys, monkeypatch, args, message):
 def test_bad_solver_name(tmp_path, capsys, tables_file):
     code, _, err = run(capsys, "solve", "--tables", tables_file, "--cluster", BUNDLED_CLUSTER, "--solver", "magic",
                        "-o", tmp_path / "p.json")
-    assert code == 2 and "unknown solver 'magic'" in err
+    assert code == 2 and "'magic' is not one of 'exact'" in err
 
 
 def test_usage_error_exit_2(capsys):
@@ -92,7 +92,7 @@ def test_usage_error_exit_2(capsys):
 
 def test_quickstart_json_from_the_installed_package(tmp_path):
     # Run outside the source tree so that the installed package (and the data it ships) is what runs.
-    res = subprocess.run([sys.executable, "-m", "prism_plan.cli", "quickstart", "--out", "qs", "--quiet", "--json"],
+    res = subprocess.run([sys.executable, "-m", "prism_plan.cli", "quickstart", "-o", "qs", "--quiet", "--json"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     rows = {r["label"]: r for r in json.loads(res.stdout)}
@@ -195,3 +195,21 @@ def test_swap_with_no_room_anywhere_exit_2(tmp_path, capsys):
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert "cannot order the moves" in err and "give a server room for one more expert" in err
     assert (tmp_path / "old.json").read_bytes() == before and not (tmp_path / "m.json").exists()
+
+
+def test_library_errors_name_the_verbs_flags(tmp_path, capsys, tables_file):
+    code, _, err = run(capsys, "solve", "--tables", tables_file, "--cluster", "edge-4", "--objective", "traffic",
+                       "-o", tmp_path / "p.json")
+    assert code == 2 and "pass the --trace the tables were built from" in err and "`" not in err
+    assert not (tmp_path / "p.json").exists()
+    code, _, err = run(capsys, "solve", "--tables", tables_file, "--cluster", "edge-4", "--min-replicas", "5",
+                       "-o", tmp_path / "p.json")
+    assert code == 2 and "lower --min-replicas" in err
+
+
+def test_weak_bounds_are_labelled(tmp_path, capsys, tables_file):
+    code, out, _ = run(capsys, "solve", "--tables", tables_file, "--cluster", "edge-4", "--solver", "eplb",
+                       "--objective", "traffic", "--trace", BUNDLED_TRACE, "-o", tmp_path / "p.json")
+    assert code == 0 and "bound (weak)" in out
+    code, out, _ = run(capsys, "solve", "--tables", tables_file, "--cluster", "edge-4", "-o", tmp_path / "q.json")
+    assert code == 0 and "bound (weak)" not in out and "exact optimal" in out

@@ -77,7 +77,7 @@ def test_file_errors(tmp_path):
 
 
 def test_hash_ignores_formatting(tmp_path, edge4):
-    from prism_plan.pipeline import BUNDLED_CLUSTER
+    from prism_plan.studies.bundled import BUNDLED_CLUSTER
 
     copy = tmp_path / "c.toml"
     copy.write_text("# another comment\n" + BUNDLED_CLUSTER.read_text())

@@ -20,7 +20,8 @@ from prism_plan.executor.launch import init_distributed  # noqa: E402
 from prism_plan.executor.moe import DistributedMoE  # noqa: E402
 from prism_plan.executor.store import ExpertStore, expert_list, index_checkpoint  # noqa: E402
 from prism_plan.executor import transfer  # noqa: E402
-from prism_plan.pipeline import DATA, make_plan  # noqa: E402
+from prism_plan.fileio import DATA_DIR as DATA  # noqa: E402
+from prism_plan.pipeline import make_plan  # noqa: E402
 from prism_plan.placement.cluster import GIB, parse_cluster  # noqa: E402
 from prism_plan.placement.migration import MigrationPlan, plan_migration  # noqa: E402
 from prism_plan.placement.model import from_hf_config  # noqa: E402
@@ -29,7 +30,7 @@ from prism_plan.placement.simulator import simulate  # noqa: E402
 from prism_plan.solvers import build_problem, get_solver  # noqa: E402
 from prism_plan.traces.profiler import profile_model  # noqa: E402
 from prism_plan.traces.tables import build_tables  # noqa: E402
-from prism_plan.traces.trace import read_trace  # noqa: E402
+from prism_plan.traces.trace import load_trace  # noqa: E402
 
 CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=8, num_hidden_layers=3,
               num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=6, num_experts_per_tok=2)
@@ -49,7 +50,7 @@ def tiny(tmp_path_factory):
         for i in range(9)))
     profile_model(root / "model", root / "p.jsonl", root / "t.parquet", quiet=True)
     spec = replace(from_hf_config(root / "model"), act_bytes=4)  # the executor runs in float32
-    return root, model.eval(), spec, read_trace(root / "t.parquet")
+    return root, model.eval(), spec, load_trace(root / "t.parquet")
 
 
 def cluster(spec, slots, origins=("a", "b", "c")):
@@ -210,7 +211,7 @@ def _forward_worker(rank, world, init, root, plan_path, spec_dict):
     init_distributed(20.0, init, rank, world)
     spec = ModelSpec.from_dict(spec_dict)
     plan = Plan.load(plan_path)
-    trace = read_trace(root / "t.parquet")
+    trace = load_trace(root / "t.parquet")
     store = ExpertStore().load(index_checkpoint(root / "model", spec), expert_list(plan.hosted, rank, spec.layers))
     moe = DistributedMoE(store, plan.routing, spec.layers, rank, world)
     origin = np.array([plan.origins.index(trace.origins[o]) for o in trace.origin])
@@ -228,7 +229,7 @@ def test_distributed_forward_equals_the_model_and_its_bytes_the_simulator(tiny, 
     c = cluster(spec, [8, 8, 8])  # 24 slots for 18 experts: some local, some remote
     tables = build_tables([trace])
     problem = build_problem(tables, c, spec)
-    plan = make_plan(tables, c, spec, problem, get_solver("greedy").solve(problem))
+    plan = make_plan(problem, get_solver("greedy").solve(problem))
     plan.save(tmp_path / "plan.json", c)
     for name in ("model", "t.parquet"):
         (tmp_path / name).symlink_to(root / name)

@@ -15,7 +15,7 @@ from prism_plan.solvers import build_problem, get_solver
 @pytest.fixture(scope="module")
 def plan(esft_tables, edge4, dsv2):
     problem = build_problem(esft_tables, edge4, dsv2)
-    return make_plan(esft_tables, edge4, dsv2, problem, get_solver("exact").solve(problem))
+    return make_plan(problem, get_solver("exact").solve(problem))
 
 
 def test_sglang_export_passes_sglang_checks_and_maps_back_to_the_plan(plan, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from prism_plan.cli import main
 from prism_plan.placement.model import resolve_model
 from prism_plan.traces.tables import ActivationTables, tables_from_trace
-from prism_plan.traces.trace import read_trace
+from prism_plan.traces.trace import load_trace
 
 # A DeepSeek-style model: 4 hidden layers, layer 0 dense, MoE layers 1..3, 8 experts, top-2.
 CONFIG = {"model_type": "deepseek_v3", "num_hidden_layers": 4, "first_k_dense_replace": 1, "n_routed_experts": 8,
@@ -50,7 +50,7 @@ def test_sglang_per_token_maps_physical_to_logical_and_skips_padding(tmp_path, c
     code, out, _ = run(capsys, "profile", "import", "--format", "sglang", tmp_path / "dump.pt", "--model", config,
                        "--origin", "chat", "-o", tmp_path / "t.parquet", "--json")
     assert code == 0 and json.loads(out)["tokens"] == 7
-    trace = read_trace(tmp_path / "t.parquet")
+    trace = load_trace(tmp_path / "t.parquet")
     assert trace.meta.layers == (1, 2, 3) and trace.origins == ("chat",)
     assert np.array_equal(trace.experts, np.concatenate([logical0, logical1[[0, 1]]]))
     assert trace.request.tolist() == [0] * 5 + [1] * 2
@@ -108,7 +108,7 @@ def test_vllm_routed_experts_from_npy_npz_and_a_folder(tmp_path, capsys, config)
                        tmp_path / "t.parquet", "--json")
     summary = json.loads(out)
     assert code == 0 and summary["tokens"] == 12 and summary["requests"] == 3
-    trace = read_trace(tmp_path / "t.parquet")
+    trace = load_trace(tmp_path / "t.parquet")
     assert trace.origins == ("chat", "code")
     assert np.array_equal(trace.experts, np.concatenate([a, b, c]))
     np.save(folder / "chat.npy", rng.integers(0, 8, (4, 4, 2)))  # all hidden layers instead of MoE layers
@@ -135,7 +135,7 @@ def test_megatron_router_trace(tmp_path, capsys, config):
     code, out, _ = run(capsys, "profile", "import", "--format", "megatron", tmp_path, "--model", config, "-o",
                        tmp_path / "t.parquet", "--json")
     assert code == 0 and json.loads(out)["tokens"] == 6
-    trace = read_trace(tmp_path / "t.parquet")
+    trace = load_trace(tmp_path / "t.parquet")
     assert trace.origins == ("rank0",) and trace.request.tolist() == [0, 0, 0, 1, 1, 1]
     first_step_layer_2 = np.array(records[0]["top_indices"])  # Megatron layer 2 = model layer 1
     assert np.array_equal(trace.experts[:3, 0], first_step_layer_2)

@@ -6,14 +6,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from prism_plan.errors import InfeasibleError
-from prism_plan.pipeline import BUNDLED_TRACE, make_plan, migrate_placement
+from prism_plan.studies.bundled import BUNDLED_TRACE
+from prism_plan.pipeline import make_plan, migrate_placement
 from prism_plan.placement.cluster import parse_cluster
 from prism_plan.placement.migration import needed_copy_bytes, verify_migration
 from prism_plan.solvers import IncrementalSolver, build_problem, get_solver
-from prism_plan.solvers.base import PlacementProblem, coverage_value
+from prism_plan.solvers.objectives import coverage_value
+from prism_plan.solvers.problem import PlacementProblem
 from prism_plan.solvers.objectives import latency_terms
 from prism_plan.traces.tables import build_tables
-from prism_plan.traces.trace import read_trace
+from prism_plan.traces.trace import load_trace
 from tiny import feasible_placements, small_latency_problem, tiny_problems
 
 
@@ -48,7 +50,7 @@ def incremental_cases(draw, uniform):
 @given(incremental_cases(uniform=True))
 def test_coverage_with_move_cost_and_budget_matches_brute_force(case):
     problem, current, per_byte, budget = case
-    res = IncrementalSolver(current=current, move_cost=per_byte, budget_bytes=budget, time_limit=30).solve(problem)
+    res = IncrementalSolver(current, move_cost=per_byte, budget_bytes=budget, time_limit=30).solve(problem)
     best = brute_net(problem, current, per_byte, budget)
     assert res.status == "optimal"
     assert res.objective == pytest.approx(best, abs=1e-6)
@@ -65,7 +67,7 @@ def test_coverage_with_move_cost_and_budget_matches_brute_force(case):
 @given(incremental_cases(uniform=False))
 def test_mixed_sizes_go_through_the_milp_and_match_brute_force(case):
     problem, current, per_byte, budget = case
-    res = IncrementalSolver(current=current, move_cost=per_byte, budget_bytes=budget, time_limit=30).solve(problem)
+    res = IncrementalSolver(current, move_cost=per_byte, budget_bytes=budget, time_limit=30).solve(problem)
     assert res.status == "optimal"
     assert res.objective == pytest.approx(brute_net(problem, current, per_byte, budget), abs=1e-3)
 
@@ -75,7 +77,7 @@ def test_latency_with_move_cost_and_budget_matches_brute_force(seed, budget):
     problem = small_latency_problem(seed)
     current = next(x for x in feasible_placements(problem) if x.sum() == 4)
     per_byte = 1e-6  # seconds per token per byte: one 10-byte expert costs 10 us a token
-    res = IncrementalSolver(current=current, move_cost=per_byte, budget_bytes=budget, time_limit=30).solve(
+    res = IncrementalSolver(current, move_cost=per_byte, budget_bytes=budget, time_limit=30).solve(
         problem, "latency")
     best = brute_net(problem, current, per_byte, budget, "latency")
     assert res.status == "optimal"
@@ -90,8 +92,8 @@ def test_budget_too_small_for_a_feasible_placement_says_how_much():
     problem = PlacementProblem(np.ones((2, 1, 2)), np.array([4]), np.array([8, 4]), np.zeros((2, 2)), 1)
     current = np.array([[[False, False]], [[True, True]]])
     with pytest.raises(InfeasibleError, match=r"move budget 0 B is too small.*at least 4 B copied"):
-        IncrementalSolver(current=current, budget_bytes=0).solve(problem)
-    res = IncrementalSolver(current=current, budget_bytes=4).solve(problem)
+        IncrementalSolver(current, budget_bytes=0).solve(problem)
+    res = IncrementalSolver(current, budget_bytes=4).solve(problem)
     assert res.status == "optimal" and res.extra["copied_bytes"] == 4
 
 
@@ -99,10 +101,10 @@ def test_budget_too_small_for_a_feasible_placement_says_how_much():
 
 @pytest.fixture(scope="module")
 def halves(dsv2, edge4):
-    first, second = read_trace(BUNDLED_TRACE).split_requests(0.5)
+    first, second = load_trace(BUNDLED_TRACE).split_requests(0.5)
     old_tables, new_tables = build_tables([first]), build_tables([second])
     problem = build_problem(old_tables, edge4, dsv2)
-    old = make_plan(old_tables, edge4, dsv2, problem, get_solver("exact").solve(problem))
+    old = make_plan(problem, get_solver("exact").solve(problem))
     return old, new_tables
 
 
@@ -160,15 +162,15 @@ def test_shrunk_server_forces_a_migration_that_fits(halves, dsv2):
 
 
 def test_drift_replay_counts_moves_and_zero_budget_moves_nothing(dsv2, edge4):
-    from prism_plan.drift_study import Strategy, replay_drift, with_benefit
+    from prism_plan.studies.drift import Strategy, replay_drift, with_benefit
     from prism_plan.traces.drift import drifting_workload
 
-    windows = drifting_workload(read_trace(BUNDLED_TRACE), 3, 1000)
+    windows = drifting_workload(load_trace(BUNDLED_TRACE), 3, 1000)
     strategies = [Strategy("never", "never", objective="coverage"),
                   Strategy("from scratch", "scratch", objective="coverage"),
                   Strategy("free", "incremental", objective="coverage"),
                   Strategy("zero", "incremental", budget_bytes=0, objective="coverage")]
-    rows = {r["label"]: r for r in with_benefit(replay_drift(windows, edge4, dsv2, strategies))}
+    rows = {r["label"]: r for r in with_benefit(replay_drift(windows, edge4, dsv2, strategies=strategies))}
     assert rows["never"]["total_bytes"] == rows["zero"]["total_bytes"] == 0
     assert rows["zero"]["mean_ttft_s"] == rows["never"]["mean_ttft_s"]
     # Re-planning for coverage raises local coverage on the next window; from the same plan, the

@@ -75,7 +75,7 @@ def test_to_dict_round_trip():
 
 def test_per_layer_expert_bytes():
     m = ModelSpec("m", (0, 1, 2), 4, 2, (10, 20, 30), 8)
-    assert list(m.layer_bytes) == [10, 20, 30] and not m.uniform_expert_bytes
+    assert list(m.layer_bytes) == [10, 20, 30] 
     assert m.routed_bytes == 4 * 60
     with pytest.raises(PrismError, match="one value per layer"):
         ModelSpec("m", (0, 1), 4, 2, (10,), 8)

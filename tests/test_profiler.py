@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from prism_plan.cli import main  # noqa: E402
 from prism_plan.errors import PrismError  # noqa: E402
 from prism_plan.traces.profiler import load_model, moe_routers, profile_model, router_choice  # noqa: E402
-from prism_plan.traces.trace import read_trace  # noqa: E402
+from prism_plan.traces.trace import load_trace  # noqa: E402
 
 BASE = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=128)
@@ -114,7 +114,7 @@ def test_recorded_routing_is_the_models_own(family, model_dirs, tmp_path):
     dirs, prompts = model_dirs
     summary = profile_model(dirs[family], prompts, tmp_path / "t.parquet", max_new_tokens=3, batch_size=3,
                             quiet=True)
-    trace = read_trace(tmp_path / "t.parquet")
+    trace = load_trace(tmp_path / "t.parquet")
     model, _ = load_model(dirs[family])
     assert trace.num_tokens == summary["tokens"] == sum(len(ids) for _, ids in PROMPTS) + 3 * len(PROMPTS)
     assert list(trace.meta.layers) == [layer for layer, _ in moe_routers(model)]
@@ -137,7 +137,7 @@ def test_recorded_routing_is_the_models_own(family, model_dirs, tmp_path):
 def test_ids_match_output_router_logits(family, model_dirs, tmp_path):
     dirs, prompts = model_dirs
     profile_model(dirs[family], prompts, tmp_path / "t.parquet", batch_size=5, quiet=True)
-    trace = read_trace(tmp_path / "t.parquet")
+    trace = load_trace(tmp_path / "t.parquet")
     model, _ = load_model(dirs[family])
     k = model.config.num_experts_per_tok
     for request, (_, ids) in enumerate(PROMPTS):
@@ -204,7 +204,7 @@ def test_planner_and_cli_work_without_torch(tmp_path):
             "assert main(['solve', '--tables', sys.argv[1], '--cluster', sys.argv[2], '-o', sys.argv[3]]) == 0\n"
             "assert main(['apply', '--plan', sys.argv[3], '--cluster', sys.argv[2]]) == 2\n"
             "sys.exit(main(['profile', 'run', 'x', '--prompts', sys.argv[4], '-o', sys.argv[3] + '.parquet']))\n")
-    from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE
+    from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 
     assert main(["profile", "tables", str(BUNDLED_TRACE), "-o", str(tmp_path / "t.npz"), "--no-pairs"]) == 0
     (tmp_path / "p.jsonl").write_text('{"origin": "a", "input_ids": [1]}\n')
@@ -218,7 +218,7 @@ def test_planner_and_cli_work_without_torch(tmp_path):
 def test_trace_carries_the_model_shape_so_solve_needs_no_model(model_dirs, tmp_path, capsys):
     dirs, prompts = model_dirs
     profile_model(dirs["deepseek_v3"], prompts, tmp_path / "t.parquet", quiet=True)
-    assert read_trace(tmp_path / "t.parquet").meta.spec["layers"] == [1, 2]
+    assert load_trace(tmp_path / "t.parquet").meta.spec["layers"] == [1, 2]
     assert main(["profile", "tables", str(tmp_path / "t.parquet"), "-o", str(tmp_path / "t.npz")]) == 0
     (tmp_path / "c.toml").write_text('[defaults]\n[[server]]\nname="a"\nmemory_gib=1\norigins=["a", "c"]\n'
                                      '[[server]]\nname="b"\nmemory_gib=1\norigins=["b"]\n')

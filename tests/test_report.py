@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from prism_plan.cli import main
-from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE
+from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 
 FIGURES = ["activations", "coactivation", "placement", "memory", "latency", "links"]
 

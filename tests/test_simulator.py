@@ -14,7 +14,7 @@ from prism_plan.placement.metrics import route
 from prism_plan.placement.model import ModelSpec
 from prism_plan.placement.plan import Plan
 from prism_plan.placement.simulator import fifo_finish, simulate
-from prism_plan.traces.trace import Trace, TraceMeta, write_trace
+from prism_plan.traces.trace import Trace, TraceMeta
 
 MODEL = ModelSpec("tiny", layers=(1, 2), num_experts=4, top_k=2, expert_bytes=1000, hidden_size=8, act_bytes=2,
                   expert_flops=10**9)
@@ -137,7 +137,8 @@ def test_unknown_origin_is_a_clear_error():
 
 
 def test_simulate_cli(tmp_path, capsys, esft_tables, edge4, dsv2):
-    from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE, solve_placement
+    from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
+    from prism_plan.pipeline import solve_placement
 
     plan = solve_placement(esft_tables, edge4, dsv2, solver="exact", objective="latency", time_limit=60)
     plan.save(tmp_path / "p.json", edge4)
@@ -148,6 +149,6 @@ def test_simulate_cli(tmp_path, capsys, esft_tables, edge4, dsv2):
     assert "TTFT mean" in out and "edge-d" in out
     assert (tmp_path / "sim.json").stat().st_size > 0
     bad = tmp_path / "t.parquet"
-    write_trace(bad, trace([0], [0], [[[0, 1], [0, 1]]]))
+    trace([0], [0], [[[0, 1], [0, 1]]]).save(bad)
     assert main(args[:4] + [str(bad)] + args[5:]) == 2
     assert "different model" in capsys.readouterr().err

@@ -3,14 +3,16 @@ import pytest
 from hypothesis import given, settings
 
 from prism_plan.errors import InfeasibleError, PrismError
-from prism_plan.pipeline import BUNDLED_TRACE, solve_placement
+from prism_plan.studies.bundled import BUNDLED_TRACE
+from prism_plan.pipeline import solve_placement
 from prism_plan.placement.cluster import GIB, parse_cluster
 from prism_plan.solvers import SOLVERS, get_solver
 
 COVERAGE_SOLVERS = [name for name in SOLVERS if name != "local-search"]  # it improves latency or traffic only
-from prism_plan.solvers.base import PlacementProblem, build_problem, coverage_upper_bound
+from prism_plan.solvers.objectives import coverage_upper_bound
+from prism_plan.solvers.problem import PlacementProblem, build_problem
 from prism_plan.traces.tables import build_tables
-from prism_plan.traces.trace import read_trace
+from prism_plan.traces.trace import load_trace
 from tiny import feasible_placements, tiny_problems
 
 ONE_COPY_GIB = 26 * 64 * 17301504 / GIB  # DeepSeek-V2-Lite, every routed expert once
@@ -40,7 +42,7 @@ def lp_optimum(problem: PlacementProblem) -> float:
 
 def split_origins(n_servers: int):
     """ESFT tables with each domain's requests split over enough origins to give every server its own."""
-    trace = read_trace(BUNDLED_TRACE)
+    trace = load_trace(BUNDLED_TRACE)
     per = -(-n_servers // 4)
     names = [f"{d}-{i}" for d in trace.origins for i in range(per)]
     origin = (trace.origin * per + trace.request % per).astype(np.int32)
@@ -161,7 +163,7 @@ def test_infeasible_budget_names_shortfall(esft_tables, dsv2):
 def test_mismatched_inputs(esft_tables, edge4):
     from prism_plan.placement.model import resolve_model
 
-    with pytest.raises(PrismError, match="different|pass the --model"):
+    with pytest.raises(PrismError, match="different|pass the `model`"):
         build_problem(esft_tables, edge4, resolve_model("mixtral-8x7b"))
     cluster = parse_cluster({"defaults": {}, "server": [{"name": "a", "memory_gib": 40.0}]})
     with pytest.raises(PrismError, match="have no server"):

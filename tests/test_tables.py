@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from prism_plan.errors import PrismError
-from prism_plan.pipeline import BUNDLED_TRACE
+from prism_plan.studies.bundled import BUNDLED_TRACE
 from prism_plan.traces.tables import ActivationTables, build_tables
-from prism_plan.traces.trace import read_trace
+from prism_plan.traces.trace import load_trace
 
 
 def test_table_sums(esft_tables):
@@ -24,7 +24,7 @@ def test_table_sums(esft_tables):
 
 
 def test_pairs_match_direct_count():
-    trace = read_trace(BUNDLED_TRACE).select(np.arange(300))
+    trace = load_trace(BUNDLED_TRACE).select(np.arange(300))
     t = build_tables([trace])
     coact = np.zeros((26, 64, 64))
     trans = np.zeros((25, 64, 64))
@@ -40,7 +40,7 @@ def test_pairs_match_direct_count():
 
 
 def test_batches_accumulate_like_one_pass():
-    trace = read_trace(BUNDLED_TRACE)
+    trace = load_trace(BUNDLED_TRACE)
     whole = build_tables([trace])
     parts = build_tables([trace.select(np.arange(0, 10000)), trace.select(np.arange(10000, trace.num_tokens))])
     assert np.array_equal(whole.freq, parts.freq) and np.array_equal(whole.coact, parts.coact)

@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from prism_plan.errors import PrismError
-from prism_plan.pipeline import BUNDLED_TRACE
+from prism_plan.studies.bundled import BUNDLED_TRACE
 from prism_plan.placement.model import ModelSpec
 from prism_plan.traces.esft import iter_esft
 from prism_plan.traces.importing import import_trace
-from prism_plan.traces.trace import Trace, TraceMeta, iter_trace, read_trace, write_trace
+from prism_plan.traces.trace import Trace, TraceMeta, iter_trace, load_trace
 
 # Per-domain sequences and tokens of the ESFT data (shared/traces/README.md).
 ESFT_COUNTS = {"intent": (127, 8222), "law": (33, 8327), "summary": (13, 8479), "translation": (40, 8251)}
@@ -45,7 +45,7 @@ def test_esft_import_matches_raw_file_line(esft_trace, esft_dir):
 
 
 def test_bundled_trace_is_the_real_data(esft_trace):
-    bundled = read_trace(BUNDLED_TRACE)
+    bundled = load_trace(BUNDLED_TRACE)
     assert bundled.origins == esft_trace.origins
     assert np.array_equal(bundled.experts, esft_trace.experts)
     assert np.array_equal(bundled.request, esft_trace.request)
@@ -82,9 +82,9 @@ def test_jsonl_import(tmp_path):
             {"origin": "a", "request": 0, "experts": [[4, 5], [6, 7]], "phase": "decode"},
             {"origin": "b", "request": 5, "position": 9, "layers": [1, 3], "experts": [[1, 2], [3, 4]]}]
     write_jsonl(tmp_path / "t.jsonl", rows)
-    summary = import_trace("jsonl", tmp_path / "t.jsonl", tmp_path / "t.parquet", small_model())
+    summary = import_trace("jsonl", tmp_path / "t.jsonl", tmp_path / "t.parquet", model=small_model())
     assert summary["tokens"] == 3 and summary["requests"] == 2 and summary["origins"] == ["a", "b"]
-    t = read_trace(tmp_path / "t.parquet")
+    t = load_trace(tmp_path / "t.parquet")
     assert t.origins == ("a", "b") and list(t.origin) == [0, 0, 1]
     assert list(t.position) == [0, 1, 9] and list(t.decode) == [False, True, False]
     assert t.experts[1].tolist() == [[4, 5], [6, 7]]
@@ -100,7 +100,7 @@ def test_jsonl_import(tmp_path):
 def test_jsonl_errors_name_the_line(tmp_path, row, message):
     write_jsonl(tmp_path / "t.jsonl", [{"origin": "a", "experts": [[0, 1], [2, 3]]}, row])
     with pytest.raises(PrismError, match=f"line 2: .*{message}"):
-        import_trace("jsonl", tmp_path / "t.jsonl", tmp_path / "t.parquet", small_model())
+        import_trace("jsonl", tmp_path / "t.jsonl", tmp_path / "t.parquet", model=small_model())
     assert not (tmp_path / "t.parquet").exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "t.jsonl"]  # no temp file left behind
 
@@ -108,12 +108,12 @@ def test_jsonl_errors_name_the_line(tmp_path, row, message):
 def test_not_a_trace(tmp_path):
     (tmp_path / "x.parquet").write_text("hello")
     with pytest.raises(PrismError, match="not a Parquet trace"):
-        read_trace(tmp_path / "x.parquet")
+        load_trace(tmp_path / "x.parquet")
     import pyarrow as pa
 
     pq.write_table(pa.table({"a": [1]}), tmp_path / "y.parquet")
     with pytest.raises(PrismError, match="no `prism_plan` metadata"):
-        read_trace(tmp_path / "y.parquet")
+        load_trace(tmp_path / "y.parquet")
 
 
 def test_esft_malformed(tmp_path):
@@ -138,7 +138,7 @@ def test_trace_rejects_out_of_range_ids():
 
 def test_write_is_atomic(tmp_path, esft_trace):
     path = tmp_path / "t.parquet"
-    write_trace(path, esft_trace.select(np.arange(10)))
+    esft_trace.select(np.arange(10)).save(path)
     before = path.read_bytes()
     bad = esft_trace.select(np.arange(10))
     from prism_plan.traces.trace import TraceWriter
@@ -152,7 +152,7 @@ def test_write_is_atomic(tmp_path, esft_trace):
 
 
 def test_split_requests_keeps_whole_requests_per_origin():
-    tr = read_trace(BUNDLED_TRACE)
+    tr = load_trace(BUNDLED_TRACE)
     first, rest = tr.split_requests(0.5)
     assert first.num_tokens + rest.num_tokens == tr.num_tokens
     for o in range(len(tr.origins)):

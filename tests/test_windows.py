@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 
 from prism_plan.errors import PrismError
-from prism_plan.pipeline import BUNDLED_TRACE
+from prism_plan.studies.bundled import BUNDLED_TRACE
 from prism_plan.traces.drift import drifting_workload, rotation_mix
 from prism_plan.traces.tables import build_tables
-from prism_plan.traces.trace import Trace, read_trace, write_trace
+from prism_plan.traces.trace import Trace, load_trace
 from prism_plan.traces.windows import iter_windows, window_tables
 
 
 @pytest.fixture(scope="module")
 def esft():
-    return read_trace(BUNDLED_TRACE)
+    return load_trace(BUNDLED_TRACE)
 
 
 def batches(trace: Trace, rows: int):
@@ -66,7 +66,7 @@ def test_drifting_workload_rotates_each_stream_to_the_next_domain(tmp_path, esft
         nearest = (((f / f.sum(axis=1, keepdims=True))[:, None] - domain[None]) ** 2).sum(axis=2).argmin(axis=1)
         assert nearest.tolist() == np.roll(np.arange(4), -shift).tolist()
     # Written as one trace, `--window` of 4 x 1500 tokens gives the same windows back.
-    write_trace(tmp_path / "drift.parquet", Trace.concat(windows))
+    Trace.concat(windows).save(tmp_path / "drift.parquet")
     again = list(window_tables(tmp_path / "drift.parquet", 6000, pairs=False))
     assert len(again) == 5
     assert np.array_equal(again[3].freq, build_tables([windows[3]], pairs=False).freq)

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from prism_plan.placement.simulator import CostModel
-from prism_plan.solvers.base import PlacementProblem
+from prism_plan.solvers.problem import PlacementProblem
 
 
 def feasible_placements(problem: PlacementProblem):

@@ -10,6 +10,7 @@ from prism_plan.errors import PrismError
 from prism_plan.executor import require_torch
 from prism_plan.executor.store import ExpertStore, expert_list, index_checkpoint, synthetic_layout
 from prism_plan.executor.transfer import apply_moves, placement_before, resume_stage
+from prism_plan.placement.cluster import ClusterSpec, load_cluster
 from prism_plan.placement.migration import MigrationPlan, verify_migration
 from prism_plan.placement.plan import Plan
 
@@ -51,7 +52,8 @@ def apply_on_rank(plan: Plan, cluster, rank: int, world: int, device: str = "cpu
     start, first, journal = plan.hosted, 0, None
     if moves is not None:
         if moves.to_sha256 and moves.to_sha256 != plan.sha256():
-            raise PrismError("the moves lead to a different plan than --plan; pass the plan `migrate` wrote with them")
+            raise PrismError("the moves lead to a different plan than `plan`; pass the plan `migrate` wrote with them",
+                             parameters=("plan",))
         start = placement_before(moves, plan.hosted)
         verify_migration(moves, start, plan.hosted, cluster)
         if journal_dir is not None:
@@ -74,3 +76,21 @@ def apply_on_rank(plan: Plan, cluster, rank: int, world: int, device: str = "cpu
         raise PrismError(f"rank {rank} ended with experts that differ from the plan's")
     return store, {"rank": rank, "server": plan.servers[rank], "experts": [list(k) for k in store.experts()],
                    "sha256": store.sha256()}
+
+
+def apply_plan(plan: Plan | str | Path, cluster, *, moves: MigrationPlan | str | Path | None = None,
+               checkpoint: str | Path | None = None, journal_dir: str | Path | None = "prism-journal",
+               timeout_s: float = 300.0) -> dict:
+    """`prism-plan apply` on this rank, under torchrun: join the process group, load this rank's experts, run
+    the moves, leave the group; returns this rank's summary (rank, server, experts, sha256)."""
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    cluster = cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
+    if moves is not None and not isinstance(moves, MigrationPlan):
+        moves = MigrationPlan.load(moves)
+    rank, world, device = init_distributed(timeout_s)
+    import torch.distributed as dist
+
+    try:
+        return apply_on_rank(plan, cluster, rank, world, device, moves, checkpoint, journal_dir)[1]
+    finally:
+        dist.destroy_process_group()

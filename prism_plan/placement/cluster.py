@@ -18,7 +18,7 @@ import networkx as nx
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.fileio import read_user_text
+from prism_plan.fileio import bundled_or_given, read_user_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,6 +55,11 @@ class ClusterSpec:
     latency: np.ndarray
     name: str = "cluster"
 
+    @classmethod
+    def load(cls, path: str | Path) -> "ClusterSpec":
+        """Read and validate a cluster TOML file (`load_cluster`)."""
+        return load_cluster(path)
+
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.servers]
@@ -77,13 +82,6 @@ class ClusterSpec:
     def origin_server(self) -> dict[str, int]:
         """Origin name -> index of the server its requests arrive at."""
         return {o: i for i, s in enumerate(self.servers) for o in s.origins}
-
-    def index(self, server: str) -> int:
-        """Index of a server by name."""
-        try:
-            return self.names.index(server)
-        except ValueError:
-            raise PrismError(f"server {server!r} is not in cluster {self.name!r} (servers: {self.names})")
 
     def hop_seconds(self, message_bytes: float) -> np.ndarray:
         """seconds: [servers, servers], time to send one message of `message_bytes` between two servers."""
@@ -250,8 +248,8 @@ def _matrix_links(raw: Mapping[str, Any], names: list[str], source: str) -> tupl
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:
-    """Read and validate a cluster TOML file."""
-    path = Path(path)
+    """Read and validate a cluster TOML file; a bare name such as "edge-4" finds the bundled cluster."""
+    path = bundled_or_given(path, ".toml")
     text = read_user_text(path, "cluster file")
     try:
         doc = tomllib.loads(text)

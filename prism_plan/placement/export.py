@@ -20,6 +20,7 @@ import numpy as np
 from prism_plan.errors import PrismError
 from prism_plan.fileio import atomic_path, write_text_atomic
 from prism_plan.placement.plan import Plan
+from prism_plan.traces.tables import ActivationTables
 
 FORMATS = ("sglang", "vllm-ascend", "eplb")
 
@@ -208,13 +209,17 @@ def read_eplb(arrays: dict, plan: Plan) -> np.ndarray:
     return _hosted_from_slots(phy2log.reshape(m.num_layers, len(plan.servers), -1), m.num_experts)
 
 
-def export_plan(plan: Plan, fmt: str, out: str | Path, freq: np.ndarray | None = None) -> dict:
-    """Write `plan` in format `fmt` to `out` (checked first, written atomically). freq: [plan origins, layers,
-    experts] activations that pick the experts repeated in spare slots. Returns a summary: slots per GPU,
-    physical and redundant experts per layer, padding slots and their extra bytes per server."""
+def export_plan(plan: Plan | str | Path, fmt: str, out: str | Path, *, tables=None) -> dict:
+    """Write `plan` (a Plan or its file) in format `fmt` to `out` (checked first, written atomically).
+    tables: ActivationTables (or their file) whose activations pick the experts repeated in spare slots
+    (default: the plan's routing). Returns a summary: slots per GPU, physical and redundant experts per layer,
+    padding slots and their extra bytes per server."""
     if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    layout = physical_layout(plan, freq)
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}", parameters=("fmt",))
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if tables is not None and not isinstance(tables, ActivationTables):
+        tables = ActivationTables.load(tables)
+    layout = physical_layout(plan, None if tables is None else origin_activations(plan, tables))
     if fmt == "eplb":
         arrays = to_eplb(plan, layout)
         with atomic_path(out) as tmp:
@@ -225,7 +230,8 @@ def export_plan(plan: Plan, fmt: str, out: str | Path, freq: np.ndarray | None =
         write_text_atomic(out, json.dumps(doc))
     per = layout.slots.shape[2]
     extra = layout.padding * int(plan.model.layer_bytes.max())
-    return {"path": str(out), "format": fmt, "ep_size": len(plan.servers), "slots_per_gpu": per,
+    return {"path": str(out), "format": fmt, "ep_size": len(plan.servers), "servers": list(plan.servers),
+            "slots_per_gpu": per,
             "physical_experts": layout.physical, "redundant_experts": layout.physical - plan.model.num_experts,
             "padding_slots": dict(zip(plan.servers, layout.padding.tolist())),
             "padding_bytes": dict(zip(plan.servers, extra.tolist()))}

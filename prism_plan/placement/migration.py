@@ -332,7 +332,8 @@ class _Planner:
         raise MigrationError(
             f"cannot order the moves: the servers waiting for an expert ({waiting}) lack room for it, every expert they "
             f"must give up has no copy to spare (min_replicas={self.r}), and no server lacking one has room to park "
-            f"it (free: {room}); give a server room for one more expert or lower --min-replicas")
+            f"it (free: {room}); give a server room for one more expert or lower `min_replicas`",
+            parameters=("min_replicas",))
 
 
 def plan_migration(old: np.ndarray, new: np.ndarray, cluster: ClusterSpec, model: ModelSpec,
@@ -353,7 +354,8 @@ def plan_migration(old: np.ndarray, new: np.ndarray, cluster: ClusterSpec, model
         if len(stages) >= limit:
             raise MigrationError(f"could not order the moves in {limit} stages: the placements differ in "
                                  f"{int((old ^ new).sum())} experts and memory is too tight to stage them; give a "
-                                 f"server room for one more expert or migrate in smaller steps (--budget-gib)")
+                                 f"server room for one more expert or migrate in smaller steps (`budget_bytes`)",
+                                 parameters=("budget_bytes",))
         stages.append(planner.step())
     plan = MigrationPlan(model, tuple(cluster.names), stages, min_replicas,
                          needed_copy_bytes(old, new, model.layer_bytes),

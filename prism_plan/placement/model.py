@@ -79,11 +79,6 @@ class ModelSpec:
         return np.full(self.num_layers, self.expert_bytes, dtype=np.int64)
 
     @property
-    def uniform_expert_bytes(self) -> bool:
-        """True when every routed expert has the same size (the coverage problem is then a flow problem)."""
-        return bool(np.all(self.layer_bytes == self.layer_bytes[0]))
-
-    @property
     def token_bytes(self) -> int:
         """Bytes of one token's hidden state sent over the network (one way)."""
         return self.hidden_size * self.act_bytes
@@ -116,7 +111,7 @@ class ModelSpec:
             mine, theirs = getattr(self, attr), getattr(other, attr)
             if mine != theirs:
                 raise PrismError(f"{what} is for a different model: {attr} {_short(theirs)} there, "
-                                 f"{_short(mine)} in {self.name!r}; pass the matching --model")
+                                 f"{_short(mine)} in {self.name!r}; pass the matching `model`", parameters=("model",))
 
 
 def _short(v: Any) -> str:
@@ -260,4 +255,15 @@ def resolve_model(spec: "str | Path | ModelSpec") -> ModelSpec:
     if path.exists():
         return from_hf_config(path)
     raise PrismError(f"unknown model {key!r}: give a preset ({', '.join(PRESETS)}), "
-                     f"a config.json or a model folder")
+                     f"a config.json or a model folder", parameters=("model",))
+
+
+def model_from_meta(meta: Mapping[str, Any], what: str) -> ModelSpec:
+    """The model a trace or tables file was recorded from: its stored shape (`spec`), else its preset name.
+    what: names the file in the error raised when it says neither."""
+    if meta.get("spec"):
+        return ModelSpec.from_dict(meta["spec"])
+    if meta.get("model") in PRESET_CONFIGS:
+        return resolve_model(meta["model"])
+    raise PrismError(f"{what} do not say which model they are for: pass `model` (a preset, a config.json or a "
+                     f"model folder)", parameters=("model",))

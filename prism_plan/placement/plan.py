@@ -92,6 +92,12 @@ class Plan:
             raise PlanError(f"plan puts {used[s] / GIB:.2f} GiB of experts on server {self.servers[s]!r}, which "
                             f"has {cluster.budgets[s] / GIB:.2f} GiB: {over[s] / GIB:.2f} GiB too much")
 
+    def summary(self) -> dict:
+        """Headline figures: the solver's evidence, local coverage, remote bytes per token, memory per server."""
+        m = self.metrics
+        return {"objective": self.objective, "solver": self.solver, "local_coverage": m.get("local_coverage"),
+                "remote_bytes_per_token": m.get("remote_bytes_per_token"), "memory_bytes": m.get("memory_bytes")}
+
     def to_dict(self) -> dict:
         """The JSON document (DESIGN.md, "Plan file")."""
         layers = [str(x) for x in self.model.layers]

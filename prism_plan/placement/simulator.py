@@ -17,15 +17,20 @@ what placement changes.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.placement.cluster import ClusterSpec
+from prism_plan.fileio import write_text_atomic
+from prism_plan.placement.cluster import ClusterSpec, load_cluster
 from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.plan import Plan
 from prism_plan.progress import track
+from prism_plan.traces.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,10 @@ class SimulationResult:
             "events": self.events, "events_per_s": self.events / self.seconds if self.seconds else None,
         }
 
+    def save(self, path: str | Path) -> None:
+        """Write `to_dict()` as JSON atomically."""
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
+
     def to_dict(self) -> dict:
         """Everything, as plain data for JSON."""
         return {
@@ -280,9 +289,17 @@ def replay(w: Workload, routing: np.ndarray, costs: CostModel, quiet: bool = Tru
     return step_time, layer_seconds, link, acts, busy, local
 
 
-def simulate(plan, trace, cluster: ClusterSpec, concurrency: int = 1, quiet: bool = True) -> SimulationResult:
-    """Replay `trace` (a Trace) through `plan` (a Plan) on `cluster`."""
+def simulate(plan: Plan | str | Path, trace: Trace | str | Path, cluster: ClusterSpec | str | Path, *,
+             concurrency: int = 1, quiet: bool = True) -> SimulationResult:
+    """Replay `trace` through `plan` on `cluster` (each an object or its file), `concurrency` requests per
+    origin batched in one step."""
     start = time.perf_counter()
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    trace = trace if isinstance(trace, Trace) else Trace.load(trace)
+    cluster = cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise PrismError(f"`concurrency` must be a positive integer, got {concurrency!r}",
+                         parameters=("concurrency",))
     plan.check_cluster(cluster)
     plan.model.check_same_shape(trace.meta, "the trace")
     w = prepare_workload(trace, plan.origins, cluster.homes(list(plan.origins)), concurrency)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from prism_plan.solvers.base import PlacementProblem, Solver
-
-_MAX_ROUNDS = 64
+from prism_plan.solvers.base import Solver
+from prism_plan.solvers.deadline import UNLIMITED, Deadline
+from prism_plan.solvers.objectives import Objective
+from prism_plan.solvers.problem import PlacementProblem, Solution
+from prism_plan.solvers.repair import repair_coverage
 
 
 def entropy_shares(weight: np.ndarray, budget: int, layer_bytes: np.ndarray) -> np.ndarray:
@@ -51,92 +53,18 @@ def top_per_layer(weight: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return rank < counts[:, None]
 
 
-def _evict(problem: PlacementProblem, hosted: np.ndarray, s: int, need: int, keep: np.ndarray) -> bool:
-    """Free `need` bytes on server s by evicting its least valuable experts that have spare copies
-    (not those in `keep`). Returns False, changing nothing, when that cannot free enough."""
-    if need <= 0:
-        return True
-    copies = hosted.sum(axis=0)
-    size = np.broadcast_to(problem.layer_bytes[:, None], copies.shape)
-    removable = hosted[s] & (copies > problem.min_replicas) & ~keep
-    idx = np.flatnonzero(removable)
-    if not len(idx):
-        return False
-    density = problem.weight[s].ravel()[idx] / size.ravel()[idx]
-    idx = idx[np.argsort(density, kind="stable")]
-    freed = np.cumsum(size.ravel()[idx])
-    cut = int(np.searchsorted(freed, need))
-    if cut >= len(idx):
-        return False
-    hosted[s].ravel()[idx[:cut + 1]] = False
-    return True
-
-
-def repair_coverage(problem: PlacementProblem, hosted: np.ndarray) -> np.ndarray:
-    """Give every expert at least `min_replicas` copies, placing each missing copy on the server where it
-    loses the least: its own activations there minus what it must evict (priced at the server's cheapest
-    spare copy)."""
-    hosted = hosted.copy()
-    s_count = problem.shape[0]
-    size = problem.layer_bytes
-    blocked = np.zeros(problem.shape, bool)  # (server, expert) pairs that could not make room
-    for _ in range(_MAX_ROUNDS):
-        copies = hosted.sum(axis=0)
-        deficit = copies < problem.min_replicas
-        if not deficit.any():
-            return hosted
-        used = (hosted * size[None, :, None]).sum(axis=(1, 2))
-        free = problem.budget - used
-        spare = hosted & (copies > problem.min_replicas)[None]
-        density = problem.weight / size[None, :, None]
-        price = np.where(spare, density, np.inf).reshape(s_count, -1).min(axis=1)
-        price = np.where(np.isfinite(price), price, 0.0)
-        cost = np.where(free[:, None, None] >= size[None, :, None], 0.0, price[:, None, None] * size[None, :, None])
-        score = np.where(hosted | blocked, -np.inf, problem.weight - cost)
-        choice = np.argmax(score, axis=0)  # [layers, experts]
-        if not np.isfinite(np.max(score, axis=0)[deficit]).any():
-            break  # no server can take any missing copy by evicting spare ones
-        for s in range(s_count):
-            new = deficit & (choice == s) & np.isfinite(score[s])
-            if not new.any():
-                continue
-            # Hottest missing experts first, so a server that runs out of room drops only the cold ones.
-            idx = np.flatnonzero(new)
-            idx = idx[np.argsort(-problem.weight[s].ravel()[idx], kind="stable")]
-            for flat in idx.tolist():
-                l = flat // problem.shape[2]
-                used_s = int((hosted[s] * size[:, None]).sum())
-                keep = np.zeros(problem.shape[1:], bool)
-                keep.ravel()[flat] = True
-                if _evict(problem, hosted, s, used_s + int(size[l]) - int(problem.budget[s]), keep):
-                    hosted[s].ravel()[flat] = True
-                else:
-                    blocked[s].ravel()[flat] = True
-    return nearest_feasible(problem, hosted)
-
-
-def nearest_feasible(problem: PlacementProblem, hosted: np.ndarray) -> np.ndarray:
-    """The feasible placement that keeps the most of `hosted`, then the most activations: the exact solver
-    on weights that value every kept expert above all activations together. Used when budgets are so tight
-    that every slot is spoken for and evicting spare copies cannot make room."""
-    from dataclasses import replace
-
-    from prism_plan.solvers.exact import ExactSolver
-
-    keep = float(problem.weight.sum()) + 1.0
-    anchored = replace(problem, weight=problem.weight + keep * hosted)
-    return ExactSolver(time_limit=60, warm_start=False)._solve(anchored)[0]
-
-
-def exchange(problem: PlacementProblem, hosted: np.ndarray, sweeps: int = 8) -> np.ndarray:
+def exchange(problem: PlacementProblem, hosted: np.ndarray, deadline: Deadline = UNLIMITED,
+             sweeps: int = 8) -> np.ndarray:
     """Per server and expert size, swap spare-copy experts for hotter missing ones, and fill free memory
-    with the hottest missing experts, until a sweep changes nothing."""
+    with the hottest missing experts, until a sweep changes nothing or the deadline passes."""
     hosted = hosted.copy()
     s_count = problem.shape[0]
-    size = np.broadcast_to(problem.layer_bytes[:, None], problem.shape[1:]).ravel()
+    size = problem.cell_bytes[0].ravel()
     for _ in range(sweeps):
         changed = False
         for s in range(s_count):
+            if deadline.expired():
+                return hosted
             w = problem.weight[s].ravel()
             h = hosted[s].ravel()  # a view: writes go to `hosted`
             for b in np.unique(problem.layer_bytes):
@@ -163,23 +91,26 @@ def exchange(problem: PlacementProblem, hosted: np.ndarray, sweeps: int = 8) -> 
     return hosted
 
 
-def transfer_duty(problem: PlacementProblem, hosted: np.ndarray, max_moves: int | None = None) -> np.ndarray:
+def transfer_duty(problem: PlacementProblem, hosted: np.ndarray, deadline: Deadline = UNLIMITED,
+                  max_moves: int | None = None) -> np.ndarray:
     """Move required copies to the servers where they cost the least.
 
     A move takes an expert d that has only `min_replicas` copies from a server A that holds it to a server B
     that lacks it: B drops its least active spare copy v of the same size, A takes its most active missing
     expert u of that size. Gain = (w[B, d] - w[B, v]) + (w[A, u] - w[A, d]). The best move is made until none
-    gains; each step is O(servers x layers x experts) array work.
+    gains or the deadline passes; each step is O(servers x layers x experts) array work.
     """
     hosted = hosted.copy()
     s_count = problem.shape[0]
     w = problem.weight.reshape(s_count, -1)
     h = hosted.reshape(s_count, -1)  # a view
-    size = np.broadcast_to(problem.layer_bytes[:, None], problem.shape[1:]).ravel()
+    size = problem.cell_bytes[0].ravel()
     classes = [np.flatnonzero(size == b) for b in np.unique(problem.layer_bytes)]
     max_moves = max_moves if max_moves is not None else 4 * w.shape[1]
     rows = np.arange(s_count)
     for _ in range(max_moves):
+        if deadline.expired():
+            break
         best_gain, best = 1e-12, None
         copies = h.sum(axis=0)
         for idx in classes:
@@ -205,17 +136,24 @@ def transfer_duty(problem: PlacementProblem, hosted: np.ndarray, max_moves: int 
     return hosted
 
 
+def greedy_placement(problem: PlacementProblem, deadline: Deadline = UNLIMITED) -> np.ndarray:
+    """hosted: [servers, layers, experts] bool, the paper's two stages (entropy-guided layer shares filled with
+    each server's hottest experts, then every expert given its copies) and the exchange and transfer passes,
+    which stop at `deadline` with what they have."""
+    hosted = np.zeros(problem.shape, bool)
+    for s in range(problem.shape[0]):
+        counts = entropy_shares(problem.weight[s], int(problem.budget[s]), problem.layer_bytes)
+        hosted[s] = top_per_layer(problem.weight[s], counts)
+    hosted = exchange(problem, repair_coverage(problem, hosted, deadline), deadline)
+    return exchange(problem, transfer_duty(problem, hosted, deadline), deadline)
+
+
 class GreedySolver(Solver):
     """Entropy-guided layer shares, hottest experts per share, coverage repair, exchange pass."""
 
     name = "greedy"
+    objectives = ("coverage",)
     summary = "the paper's two-stage heuristic (entropy shares, coverage repair) plus an exchange pass"
 
-    def _solve(self, problem: PlacementProblem):
-        s_count = problem.shape[0]
-        hosted = np.zeros(problem.shape, bool)
-        for s in range(s_count):
-            counts = entropy_shares(problem.weight[s], int(problem.budget[s]), problem.layer_bytes)
-            hosted[s] = top_per_layer(problem.weight[s], counts)
-        hosted = exchange(problem, repair_coverage(problem, hosted))
-        return exchange(problem, transfer_duty(problem, hosted)), "heuristic", None
+    def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:
+        return Solution(greedy_placement(problem, deadline), "heuristic")

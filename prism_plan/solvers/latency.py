@@ -1,15 +1,17 @@
-"""The latency MILP: placement and routing together, a capacitated facility-location model.
+"""The latency model: placement and routing together, a capacitated facility-location MILP, and a Lagrangian
+decomposition for clusters too large for it.
 
-    minimise  (1/tokens) [ sum_{h,s,l,e} w[h,l,e] rtt[h,s] y[h,s,l,e]  +  sum_l z[l] ]
+    minimise  (1/tokens) [ sum_{h,s,l,e} w[h,l,e] rtt[h,s] y[h,s,l,e]  +  sum_l z[l] ]  +  cost * copied(x)
     s.t.      sum_s y[h,s,l,e] = 1                  every activation of home server h is served somewhere
               y[h,s,l,e] <= x[s,l,e]                 only by a server that hosts the expert
               sum_{h,e} w[h,l,e] c[s] y[h,s,l,e] <= z[l]   z: the layer's compute makespan
               sum_{l,e} bytes[l] x[s,l,e] <= budget[s],  sum_s x[s,l,e] >= min_replicas
+              copied(x) <= move budget               (a re-plan with a budget)
               x binary, y >= 0
 
 w: activations whose origins arrive at h; rtt: one hidden state there and back (0 at home); c: seconds per
 activation. y exists only where w > 0, so the model grows with the demand actually seen. Built as sparse
-arrays, started from the better of the coverage optimum and the greedy placement.
+arrays, started from the best of the given placements and the coverage optimum.
 """
 
 from __future__ import annotations
@@ -17,15 +19,28 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from prism_plan.solvers.backends import MilpModel
-from prism_plan.solvers.base import PlacementProblem
+from prism_plan.solvers.backends import BACKENDS, MilpModel
+from prism_plan.solvers.coverage import move_model, solve_coverage
+from prism_plan.solvers.deadline import Deadline
+from prism_plan.solvers.objectives import MoveTerms, layer_makespan, nearest_routing, net_objective, proven_status
+from prism_plan.solvers.problem import PlacementProblem, Solution, placement_fits
 
-# The model is solved in microseconds per token, so HiGHS' absolute tolerances do not swallow it.
+# The model is solved in microseconds per token, so the back ends' absolute tolerances do not swallow it.
 SCALE = 1e6
+# Past this many routing variables HiGHS' first LP alone outlasts a two-minute limit on two cores (measured:
+# Qwen3-30B shape on 8 servers has 393k); such problems get the Lagrangian decomposition only.
+MAX_ROUTING_VARIABLES = 150_000
+
+
+def milp_fits(problem: PlacementProblem) -> bool:
+    """Whether the latency MILP is small enough to be worth handing to a back end (else the Lagrangian bound
+    and its rounded placement answer alone)."""
+    return int((problem.weight > 0).sum()) * problem.shape[0] <= MAX_ROUTING_VARIABLES
 
 
 def latency_milp(problem: PlacementProblem, start: np.ndarray | None = None) -> tuple[MilpModel, np.ndarray]:
-    """The latency MILP and the (h, l, e) cell of each demand triple: [triples, 3].
+    """The latency MILP (objective in seconds per token x SCALE) and the (h, l, e) cell of each demand
+    triple: [triples, 3].
 
     Variables, in order: x [servers, layers, experts]; y [triples, servers]; z [layers].
     start: hosted [servers, layers, experts] bool, sent as a starting solution with nearest routing.
@@ -37,14 +52,13 @@ def latency_milp(problem: PlacementProblem, start: np.ndarray | None = None) -> 
     ny = k_n * s_n
     n = nx + ny + l_n
     w = problem.weight[cells[:, 0], cells[:, 1], cells[:, 2]]
-    tokens = problem.tokens or 1.0
     y = nx + np.arange(ny).reshape(k_n, s_n)
     x_of = np.ravel_multi_index((np.arange(s_n)[None, :], cells[:, 1:2], cells[:, 2:3]), (s_n, l_n, e_n))
     srv = np.broadcast_to(np.arange(s_n)[None, :], (k_n, s_n))
 
     c = np.zeros(n)
-    c[y] = w[:, None] * problem.round_trip[cells[:, 0]] * SCALE / tokens
-    c[nx + ny:] = SCALE / tokens
+    c[y] = w[:, None] * problem.round_trip[cells[:, 0]] * SCALE * problem.per_token
+    c[nx + ny:] = SCALE * problem.per_token
 
     rows, cols, vals, lo, hi = [], [], [], [], []
 
@@ -69,8 +83,8 @@ def latency_milp(problem: PlacementProblem, start: np.ndarray | None = None) -> 
         np.full(s_n * l_n, -np.inf), np.zeros(s_n * l_n))
     # memory per server and replicas per expert
     x = np.arange(nx).reshape(s_n, l_n, e_n)
-    add(np.repeat(np.arange(s_n), l_n * e_n), x, np.broadcast_to(problem.layer_bytes[None, :, None], x.shape),
-        np.full(s_n, -np.inf), problem.budget.astype(float))
+    add(np.repeat(np.arange(s_n), l_n * e_n), x, problem.cell_bytes, np.full(s_n, -np.inf),
+        problem.budget.astype(float))
     add(np.tile(np.arange(l_n * e_n), s_n), x, 1.0, np.full(l_n * e_n, float(problem.min_replicas)),
         np.full(l_n * e_n, np.inf))
 
@@ -86,8 +100,6 @@ def latency_milp(problem: PlacementProblem, start: np.ndarray | None = None) -> 
 
 def latency_start(problem: PlacementProblem, hosted: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """The MILP's variables for `hosted` with nearest-replica routing."""
-    from prism_plan.solvers.objectives import layer_makespan, nearest_routing
-
     routing = nearest_routing(problem, hosted)
     y = np.zeros((len(cells), problem.shape[0]))
     y[np.arange(len(cells)), routing[cells[:, 0], cells[:, 1], cells[:, 2]]] = 1.0
@@ -95,15 +107,51 @@ def latency_start(problem: PlacementProblem, hosted: np.ndarray, cells: np.ndarr
     return np.concatenate([hosted.ravel().astype(float), y.ravel(), z])
 
 
-def routing_from(problem: PlacementProblem, cells: np.ndarray, yv: np.ndarray, hosted: np.ndarray) -> np.ndarray:
-    """[servers, layers, experts]: each home server's serving server, the MILP's largest routing share where it
-    has demand, the nearest replica elsewhere."""
-    from prism_plan.solvers.objectives import nearest_routing
-
+def decode(problem: PlacementProblem, cells: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hosted, routing) from the MILP's variables: routing [servers, layers, experts] is each home server's
+    serving server, the MILP's largest routing share where it has demand, the nearest replica elsewhere."""
+    s_n = problem.shape[0]
+    nx = int(np.prod(problem.shape))
+    hosted = x[:nx].reshape(problem.shape) > 0.5
+    shares = x[nx:nx + len(cells) * s_n].reshape(len(cells), s_n)
     routing = nearest_routing(problem, hosted)
-    choice = np.argmax(np.where(hosted[:, cells[:, 1], cells[:, 2]].T, yv, -1.0), axis=1)
+    choice = np.argmax(np.where(hosted[:, cells[:, 1], cells[:, 2]].T, shares, -1.0), axis=1)
     routing[cells[:, 0], cells[:, 1], cells[:, 2]] = choice
-    return routing
+    return hosted, routing
+
+
+def solve_latency(problem: PlacementProblem, starts: list[np.ndarray], *, deadline: Deadline,
+                  backend: str = "highs", moves: MoveTerms | None = None, warm_start: bool = True) -> Solution:
+    """The latency model's best placement and routing (net of the move cost, within the move budget, when
+    `moves` are given) with the best bound proven: the Lagrangian bound (up to MAX_ENUMERATED_SERVERS servers)
+    and the MILP's (when it fits). starts: feasible placements to begin from; the coverage optimum joins them.
+    The MILP gets what time is left."""
+    objective = net_objective("latency", moves)
+    ok = lambda h: placement_fits(problem, h) and (moves is None or moves.within_budget(problem, h))  # noqa: E731
+    candidates = [h for h in starts if ok(h)]
+    if problem.uniform or not candidates:
+        candidates.append(solve_coverage(problem, deadline=deadline, backend=backend, moves=moves).hosted)
+    bounds = []
+    if problem.shape[0] <= MAX_ENUMERATED_SERVERS:
+        bound, rounded = lagrangian(problem, min(objective.value(problem, h) for h in candidates), deadline)
+        bounds.append(bound)
+        candidates += [] if rounded is None or not ok(rounded) else [rounded]
+    best = min(candidates, key=lambda h: objective.value(problem, h))
+    routing, timed_out = None, False
+    if milp_fits(problem) and not deadline.expired():
+        model, cells = latency_milp(problem, best if warm_start else None)
+        sol = BACKENDS[backend]().solve(move_model(model, problem, moves, SCALE), deadline.remaining())
+        if sol.bound is not None:
+            bounds.append(sol.bound / SCALE)
+        if sol.x is not None:
+            hosted, milp_routing = decode(problem, cells, sol.x)
+            if objective.value(problem, hosted, milp_routing) <= objective.value(problem, best):
+                best, routing = hosted, milp_routing
+        timed_out = sol.status == "timeout"
+    value = objective.value(problem, best, routing)
+    bound = max(bounds) if bounds else None
+    status = "timeout" if timed_out and bound is None else proven_status(value, bound, maximize=False)
+    return Solution(best, status, bound, routing)
 
 
 # Lagrangian decomposition for clusters too large for the MILP: relaxing memory with multipliers mu (seconds
@@ -118,25 +166,26 @@ def _subsets(s_n: int) -> np.ndarray:
     return (masks[:, None] >> np.arange(s_n)[None, :]) & 1 == 1
 
 
-def lagrangian(problem: PlacementProblem, upper: float, iterations: int = 400):
-    """(bound, hosted): the best Lagrangian lower bound on the latency model found by subgradient steps, and a
-    memory-feasible placement rounded from the best multipliers (None when rounding fails).
+def lagrangian(problem: PlacementProblem, upper: float, deadline: Deadline | None = None, iterations: int = 400):
+    """(bound, hosted): the best Lagrangian lower bound on the latency model found by subgradient steps (until
+    `deadline`), and a memory-feasible placement rounded from the best multipliers (None when rounding fails).
 
     upper: the value of any feasible placement (sets the step length). Seconds per token.
     """
     s_n, l_n, e_n = problem.shape
-    tokens = problem.tokens or 1.0
     subsets = _subsets(s_n)
     subsets = subsets[subsets.sum(axis=1) >= problem.min_replicas]
     reach = np.where(subsets[:, None, :], problem.round_trip[None, :, :], np.inf).min(axis=2)  # [sets, homes]
-    service = problem.weight.transpose(1, 2, 0).reshape(l_n * e_n, s_n) @ reach.T / tokens  # [cells, sets]
+    service = problem.weight.transpose(1, 2, 0).reshape(l_n * e_n, s_n) @ reach.T * problem.per_token  # [cells, sets]
     size = np.repeat(problem.layer_bytes, e_n).astype(float)  # [cells]
     budget = problem.budget.astype(float)
     act = problem.act_seconds
     speed = (1.0 / np.where(act > 0, act, np.inf)).sum()  # activations per second, all servers together
-    balanced = float(problem.weight.sum() / speed) / tokens if act.any() else 0.0
+    balanced = float(problem.weight.sum() / speed) * problem.per_token if act.any() else 0.0
     mu, best, best_mu = np.zeros(s_n), -np.inf, np.zeros(s_n)
-    for _ in range(iterations):
+    for i in range(iterations):
+        if i and deadline is not None and deadline.expired():
+            break
         total = service + size[:, None] * (subsets @ mu)[None, :]
         pick = np.argmin(total, axis=1)
         value = float(total[np.arange(len(pick)), pick].sum() - mu @ budget) + balanced

@@ -1,63 +1,61 @@
-"""`local-search`: improve a placement by swaps judged by replaying the trace (simulated latency or traffic).
+"""`local-search`: improve a placement by swaps judged by replaying the trace (simulated time to first token
+or traffic).
 
 A move swaps, on one server and within one layer, a hosted expert for one the server lacks: memory stays the
 same and no expert loses its last copies, so every step is feasible. Each layer's cost is its own replay
 (the objectives add over layers), so a move is scored by replaying one layer. Candidates per (server, layer):
 the experts whose activations would reach this server fastest in, the least used hosted ones out; the best
-improving swap is taken, sweeps repeat until none improves or the time is up. Starts from the latency MILP
-(latency) or the coverage optimum (traffic) unless given a start.
+improving swap is taken, sweeps repeat until none improves or the time is up. Starts from the latency model's
+answer within half the time (simulated_ttft) or the coverage optimum (traffic) unless given a start.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.metrics import route
 from prism_plan.placement.simulator import layer_objective, layer_traffic, replay_layer
-from prism_plan.solvers.base import PlacementProblem, SolveResult, Solver, relative_gap
-from prism_plan.solvers.objectives import OBJECTIVES, SIMULATED_LATENCY
-
-DEFAULT_SECONDS = 60.0
+from prism_plan.solvers.base import Solver
+from prism_plan.solvers.coverage import solve_coverage
+from prism_plan.solvers.deadline import UNLIMITED, Deadline
+from prism_plan.solvers.greedy import greedy_placement
+from prism_plan.solvers.latency import solve_latency
+from prism_plan.solvers.objectives import Objective
+from prism_plan.solvers.problem import PlacementProblem, Solution
 
 
 class LocalSearchSolver(Solver):
-    """Swap search judged by the replayed trace."""
+    """Swap search judged by the replayed trace, from `start` ([servers, layers, experts] bool) when given."""
 
     name = "local-search"
-    objectives = ("latency", "traffic")
-    summary = "swaps judged by the simulator (latency) or replayed traffic, from the best model solution"
+    objectives = ("simulated_ttft", "traffic")
+    only_own_objectives = True
+    summary = "swaps judged by the simulator (simulated_ttft) or replayed traffic, from the best model solution"
 
-    def __init__(self, time_limit: float | None = None, seed: int = 0, start: np.ndarray | None = None,
+    def __init__(self, *, time_limit: float | None = None, seed: int = 0, start: np.ndarray | None = None,
                  candidates: int = 4) -> None:
-        super().__init__(time_limit, seed)
-        self.start = start
-        self.candidates = candidates
+        super().__init__(time_limit=time_limit, seed=seed)
+        if not isinstance(candidates, (int, np.integer)) or candidates < 1:
+            raise PrismError(f"`candidates` must be a positive integer, got {candidates!r}", parameters=("candidates",))
+        self.start = None if start is None else np.asarray(start, bool)
+        self.candidates = int(candidates)
 
-    def _solve(self, problem: PlacementProblem):
-        raise PrismError("local-search improves latency or traffic; pass --objective latency or traffic")
-
-    def _solve_for(self, problem: PlacementProblem, objective: str) -> SolveResult:
-        from prism_plan.solvers.exact import ExactSolver
-
-        budget = self.time_limit if self.time_limit is not None else DEFAULT_SECONDS
-        deadline = time.perf_counter() + budget
-        obj = SIMULATED_LATENCY if objective == "latency" else OBJECTIVES["traffic"]
+    def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:
         if problem.workload is None:
-            raise PrismError(f"local-search judges {objective} by replaying the trace: pass the trace the tables "
-                             f"were built from (--trace)")
+            raise PrismError(f"local-search judges {objective.name} by replaying the trace: pass the `trace` the "
+                             f"tables were built from", parameters=("trace",))
+        if self.start is not None and self.start.shape != problem.shape:
+            raise PrismError(f"start placement has shape {list(self.start.shape)}, the problem "
+                             f"{list(problem.shape)}: pass a `start` plan for this model and cluster",
+                             parameters=("start",))
         hosted = self.start
-        if hosted is None and objective == "latency":
-            hosted = ExactSolver(time_limit=budget / 2, seed=self.seed).solve(problem, "latency").hosted
+        if hosted is None and objective.name == "simulated_ttft":
+            half = deadline.split(0.5)
+            hosted = solve_latency(problem, [greedy_placement(problem, half)], deadline=half).hosted
         elif hosted is None:
-            hosted = ExactSolver(seed=self.seed)._solve(problem)[0]
-        hosted = improve(problem, hosted.copy(), objective, deadline, self.candidates)
-        value = obj.value(problem, hosted)
-        bound = obj.bound(problem)
-        return SolveResult(hosted, self.name, "heuristic", value, bound, relative_gap(value, bound, False), 0.0,
-                           objective, obj.measure)
+            hosted = solve_coverage(problem, deadline=deadline).hosted
+        return Solution(improve(problem, hosted.copy(), objective.name, deadline, self.candidates), "heuristic")
 
 
 def _layer_cost(problem: PlacementProblem, hosted_l: np.ndarray, l: int, objective: str) -> float:
@@ -65,7 +63,7 @@ def _layer_cost(problem: PlacementProblem, hosted_l: np.ndarray, l: int, objecti
     w, costs = problem.workload, problem.costs
     routing = route(hosted_l[:, None, :], w.home, problem.hop_seconds)[:, 0, :]  # [origins, experts]
     rep = replay_layer(w, routing[w.origin[:, None], w.experts[:, l, :]], costs)
-    return layer_objective(w, rep) if objective == "latency" else layer_traffic(w, rep, costs)
+    return layer_objective(w, rep) if objective == "simulated_ttft" else layer_traffic(w, rep, costs)
 
 
 def _candidates(problem: PlacementProblem, hosted_l: np.ndarray, l: int, s: int, m: int):
@@ -86,17 +84,18 @@ def _candidates(problem: PlacementProblem, hosted_l: np.ndarray, l: int, s: int,
     return ins[np.isfinite(gain[ins])], outs[np.isfinite(loss[outs])]
 
 
-def improve(problem: PlacementProblem, hosted: np.ndarray, objective: str, deadline: float,
+def improve(problem: PlacementProblem, hosted: np.ndarray, objective: str, deadline: Deadline = UNLIMITED,
             candidates: int = 4) -> np.ndarray:
-    """Best-improvement swaps per (server, layer) until a sweep finds none or `deadline` (perf_counter) passes."""
+    """Best-improvement swaps per (server, layer) until a sweep finds none or `deadline` passes.
+    objective: simulated_ttft or traffic."""
     s_n, l_n, _ = problem.shape
     cost = np.array([_layer_cost(problem, hosted[:, l], l, objective) for l in range(l_n)])
     improved = True
-    while improved and time.perf_counter() < deadline:
+    while improved and not deadline.expired():
         improved = False
         for l in np.argsort(-cost, kind="stable"):
             for s in range(s_n):
-                if time.perf_counter() >= deadline:
+                if deadline.expired():
                     return hosted
                 ins, outs = _candidates(problem, hosted[:, l], l, s, candidates)
                 best, move = cost[l] * (1 - 1e-9), None

@@ -1,7 +1,8 @@
-"""What a placement is judged by: coverage, the latency model, network traffic, simulated latency.
+"""What a placement is judged by: coverage, the latency model, replayed traffic, the simulated time to first
+token, and any of them net of a cost for the bytes a re-plan moves.
 
 Every objective gives a value for any placement (so heuristics and baselines can be compared under it) and,
-where one is cheap, a bound no placement can beat.
+where one is cheap, a bound no placement can beat; `weak_bound` marks bounds that are loose by construction.
 """
 
 from __future__ import annotations
@@ -13,8 +14,50 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.metrics import route
+from prism_plan.placement.migration import needed_copy_bytes
 from prism_plan.placement.simulator import layer_objective, layer_serve, layer_traffic, replay_layer
-from prism_plan.solvers.base import PlacementProblem, coverage_upper_bound, coverage_value
+from prism_plan.solvers.problem import PlacementProblem
+
+# A value within this relative distance of its bound counts as proven optimal: the flow's only error is the
+# rounding of fractional weights; MILP bounds come from floating-point LPs.
+OPTIMALITY_TOLERANCE = 1e-6
+
+
+def relative_gap(objective: float, bound: float | None, maximize: bool = True) -> float | None:
+    """How far `objective` may be from the optimum given `bound`: (bound - objective) / |bound| when
+    maximising, (objective - bound) / |objective| when minimising; 0 when they differ by under 1e-9 (absolute:
+    the rounding of scaled weights, near a zero objective), None without a bound."""
+    if bound is None:
+        return None
+    scale = abs(bound) if maximize else abs(objective)
+    if scale < 1e-12 or abs(bound - objective) <= 1e-9:
+        return 0.0
+    return max(0.0, ((bound - objective) if maximize else (objective - bound)) / scale)
+
+
+def proven_status(value: float, bound: float | None, maximize: bool = True) -> str:
+    """`optimal` when `bound` proves `value` within OPTIMALITY_TOLERANCE, else `feasible`."""
+    gap = relative_gap(value, bound, maximize)
+    return "optimal" if gap is not None and gap <= OPTIMALITY_TOLERANCE else "feasible"
+
+
+def coverage_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
+    """Activations served at their origin's server: sum of weight where hosted."""
+    return float((problem.weight * hosted).sum())
+
+
+def coverage_upper_bound(problem: PlacementProblem) -> float:
+    """A bound no placement can beat: each server's fractional knapsack of its own activations, ignoring
+    the replica constraint. O(servers x layers x experts x log) array work."""
+    s = problem.shape[0]
+    size = problem.cell_bytes.reshape(s, -1).astype(float)
+    w = problem.weight.reshape(s, -1)
+    order = np.argsort(-w / size, axis=1, kind="stable")
+    w_sorted = np.take_along_axis(w, order, axis=1)
+    b_sorted = np.take_along_axis(size, order, axis=1)
+    used_before = np.cumsum(b_sorted, axis=1) - b_sorted
+    frac = np.clip((problem.budget[:, None] - used_before) / b_sorted, 0.0, 1.0)
+    return float((w_sorted * frac).sum())
 
 
 def nearest_routing(problem: PlacementProblem, hosted: np.ndarray, homes: np.ndarray | None = None) -> np.ndarray:
@@ -40,45 +83,44 @@ def latency_terms(problem: PlacementProblem, hosted: np.ndarray, routing: np.nda
     Makespan: per layer, the busiest server's compute time over the whole profile, spread over its tokens.
     routing: [servers, layers, experts] serving server for each home server (default: nearest replica).
     """
-    s, l, e = problem.shape
     routing = nearest_routing(problem, hosted) if routing is None else routing
-    home = np.arange(s)[:, None, None]
-    tokens = problem.tokens or 1.0
-    network = float((problem.weight * problem.round_trip[home, routing]).sum()) / tokens
-    return network, float(layer_makespan(problem, routing).sum()) / tokens
+    home = np.arange(problem.shape[0])[:, None, None]
+    network = float((problem.weight * problem.round_trip[home, routing]).sum()) * problem.per_token
+    return network, float(layer_makespan(problem, routing).sum()) * problem.per_token
 
 
-def latency_value(problem: PlacementProblem, hosted: np.ndarray) -> float:
-    """Expected MoE seconds per token under the latency model, nearest-replica routing."""
-    return float(sum(latency_terms(problem, hosted)))
+def latency_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
+    """Expected MoE seconds per token under the latency model (routing: default nearest replica)."""
+    return float(sum(latency_terms(problem, hosted, routing)))
 
 
 def _workload(problem: PlacementProblem, objective: str):
     if problem.workload is None or problem.costs is None:
-        raise PrismError(f"objective {objective!r} replays the token-level trace: pass the trace the tables were "
-                         f"built from (--trace)")
+        raise PrismError(f"objective {objective!r} replays the token-level trace: pass the `trace` the tables were "
+                         f"built from", parameters=("trace",))
     return problem.workload, problem.costs
 
 
-def replay_layers(problem: PlacementProblem, hosted: np.ndarray, layers=None):
+def replay_layers(problem: PlacementProblem, hosted: np.ndarray, objective: str, layers=None):
     """Replay the problem's workload through `hosted` with nearest-replica routing; yields
     (layer, LayerReplay) for each layer in `layers` (default all)."""
-    w, costs = _workload(problem, "simulated")
+    w, costs = _workload(problem, objective)
     routing = nearest_routing(problem, hosted, w.home)
     for l in range(problem.shape[1]) if layers is None else layers:
         yield l, replay_layer(w, layer_serve(w, routing, l), costs)
 
 
-def simulated_value(problem: PlacementProblem, hosted: np.ndarray) -> float:
-    """Mean MoE seconds per request when the workload is replayed through `hosted` (the simulator's model)."""
-    w, _ = _workload(problem, "latency")
-    return float(sum(layer_objective(w, rep) for _, rep in replay_layers(problem, hosted)))
+def simulated_ttft_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
+    """Mean MoE seconds per request when the workload is replayed through `hosted` (the simulator's model):
+    the time to first token, plus the decode steps when the trace has them."""
+    return float(sum(layer_objective(problem.workload, rep)
+                     for _, rep in replay_layers(problem, hosted, "simulated_ttft")))
 
 
-def simulated_lower_bound(problem: PlacementProblem) -> float:
+def simulated_ttft_lower_bound(problem: PlacementProblem) -> float:
     """A bound no placement beats in the simulator: per step, origin and layer, either every activation runs
     at home (at least their compute there) or some token goes out (at least one round trip and one expert)."""
-    w, costs = _workload(problem, "latency")
+    w, _ = _workload(problem, "simulated_ttft")
     s_n = problem.shape[0]
     one_remote = np.where(np.eye(s_n, dtype=bool), np.inf,
                           problem.round_trip + problem.act_seconds[None, :]).min(axis=1)
@@ -89,11 +131,12 @@ def simulated_lower_bound(problem: PlacementProblem) -> float:
     return float((w.pairs * per_layer).sum()) * problem.shape[1] / max(w.num_requests, 1)
 
 
-def traffic_value(problem: PlacementProblem, hosted: np.ndarray) -> float:
+def traffic_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
     """Bytes per token crossing the network on replay: one trip out and back per token, layer and remote
     server it needs."""
-    w, costs = _workload(problem, "traffic")
-    return float(sum(layer_traffic(w, rep, costs) for _, rep in replay_layers(problem, hosted)))
+    _, costs = _workload(problem, "traffic")
+    return float(sum(layer_traffic(problem.workload, rep, costs)
+                     for _, rep in replay_layers(problem, hosted, "traffic")))
 
 
 def traffic_lower_bound(problem: PlacementProblem) -> float:
@@ -110,22 +153,71 @@ def traffic_lower_bound(problem: PlacementProblem) -> float:
 
 @dataclass(frozen=True)
 class Objective:
-    """How placements are scored: value(problem, hosted), its direction, units, and a cheap bound if any."""
+    """How placements are scored: value(problem, hosted, routing=None), its direction, units, a cheap bound
+    if any, and whether that bound is weak by construction (far from the optimum on real problems)."""
 
     name: str
     maximize: bool
     measure: str
-    value: Callable[[PlacementProblem, np.ndarray], float]
+    value: Callable[..., float]
     bound: Callable[[PlacementProblem], float] | None = None
+    weak_bound: bool = False
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("coverage", True, "activations served at their origin's server", coverage_value,
               coverage_upper_bound),
     Objective("latency", False, "expected MoE seconds per token (latency model)", latency_value),
-    Objective("traffic", False, "network bytes per token (replayed trace)", traffic_value, traffic_lower_bound),
+    Objective("traffic", False, "network bytes per token (replayed trace)", traffic_value, traffic_lower_bound,
+              weak_bound=True),
+    Objective("simulated_ttft", False, "simulated mean MoE seconds per request (replayed trace)",
+              simulated_ttft_value, simulated_ttft_lower_bound, weak_bound=True),
 )}
 
-# Local search judges latency by replaying the trace rather than by the latency model.
-SIMULATED_LATENCY = Objective("latency", False, "simulated mean MoE seconds per request (replayed trace)",
-                              simulated_value, simulated_lower_bound)
+
+def get_objective(name: str) -> Objective:
+    """An objective by name; a PrismError listing the names otherwise."""
+    if name not in OBJECTIVES:
+        raise PrismError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}",
+                         parameters=("objective",))
+    return OBJECTIVES[name]
+
+
+@dataclass(frozen=True)
+class MoveTerms:
+    """What a re-plan pays for moving: the current placement ([servers, layers, experts] bool), objective
+    units per byte copied, and the most bytes that may be copied (None: no limit)."""
+
+    current: np.ndarray
+    cost_per_byte: float = 0.0
+    budget_bytes: int | None = None
+
+    def copy_bytes(self, problem: PlacementProblem) -> np.ndarray:
+        """bytes: [servers, layers, experts] float64, what hosting each cell costs to copy (0 where it is)."""
+        return np.where(self.current, 0, problem.cell_bytes).astype(float)
+
+    def copied(self, problem: PlacementProblem, hosted: np.ndarray) -> int:
+        """Bytes that must arrive somewhere new to go from the current placement to `hosted`."""
+        return needed_copy_bytes(self.current, hosted, problem.layer_bytes)
+
+    def within_budget(self, problem: PlacementProblem, hosted: np.ndarray) -> bool:
+        return self.budget_bytes is None or self.copied(problem, hosted) <= self.budget_bytes
+
+
+def with_moves(objective: Objective, moves: MoveTerms) -> Objective:
+    """`objective` net of the move cost: value - cost x copied when maximising, value + cost x copied when
+    minimising. The bound of the plain objective stays valid only without a cost, so it is dropped."""
+    sign = -1.0 if objective.maximize else 1.0
+
+    def net(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
+        return objective.value(problem, hosted, routing) + sign * moves.cost_per_byte * moves.copied(problem, hosted)
+
+    joined = "minus" if objective.maximize else "plus"
+    return Objective(objective.name, objective.maximize, f"{objective.measure}, {joined} move cost x bytes copied",
+                     net, objective.bound if moves.cost_per_byte == 0 else None, objective.weak_bound)
+
+
+def net_objective(name: str, moves: MoveTerms | None) -> Objective:
+    """The objective `name`, net of the move cost when `moves` are given."""
+    objective = get_objective(name)
+    return objective if moves is None else with_moves(objective, moves)

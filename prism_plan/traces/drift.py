@@ -11,10 +11,12 @@ when it runs out, so consecutive windows share as few requests as the data allow
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.traces.trace import Trace
+from prism_plan.traces.trace import Trace, load_trace
 
 
 def rotation_mix(windows: int, domains: int, shift: int = 1) -> np.ndarray:
@@ -79,3 +81,16 @@ def drifting_workload(trace: Trace, windows: int, window_tokens: int, mix: np.nd
                          np.concatenate(position), trace.decode[idx], trace.experts[idx],
                          None if trace.weights is None else trace.weights[idx]))
     return out
+
+
+def write_drifting_workload(path: str | Path, output: str | Path, *, windows: int = 8, window_tokens: int = 2000,
+                            shift: int = 1, seed: int = 0) -> dict:
+    """Write the rotating drifting workload built from the trace at `path` (stream i moves from origin i to
+    origin i + shift) to `output`; returns what was written: streams, windows, tokens and the window size in
+    tokens that `--window` / window_tables needs to recover the windows."""
+    source = load_trace(path)
+    mix = rotation_mix(windows, len(source.origins), shift)
+    Trace.concat(drifting_workload(source, windows, window_tokens, mix, seed)).save(output)
+    size = window_tokens * len(source.origins)
+    return {"path": str(output), "windows": windows, "streams": list(source.origins), "window_tokens": window_tokens,
+            "tokens": size * windows, "window": size}

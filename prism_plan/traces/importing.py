@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.model import ModelSpec, resolve_model
 from prism_plan.traces.esft import iter_esft
 from prism_plan.traces.jsonl import iter_jsonl
 from prism_plan.traces.megatron import iter_megatron
@@ -27,20 +27,26 @@ IMPORTERS = {
 }
 
 
-def import_trace(fmt: str, src: str | Path, out: str | Path, model: ModelSpec, weights: bool = True,
-                 quiet: bool = False, origin: str | None = None) -> dict:
+def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec | str | Path | None = None,
+                 weights: bool = True, quiet: bool = False, origin: str | None = None) -> dict:
     """Convert `src` in format `fmt` to a Parquet trace at `out` (written atomically); SGLang `stat` dumps,
     which hold counts only, become activation tables when `out` ends in `.npz`.
 
     weights: keep gate weights when the source has them (False makes a much smaller file). origin: the origin
     of every token (formats that do not name one default to the file's name or rank).
-    Returns a summary: tokens, requests, origins, layers, top_k.
+    model: a preset, config.json, model folder or ModelSpec (default for esft: deepseek-v2-lite, the bundled
+    data's model). Returns a summary: tokens, requests, origins, layers, top_k.
     """
     if fmt not in IMPORTERS:
-        raise PrismError(f"unknown trace format {fmt!r}; choose one of {sorted(IMPORTERS)}")
+        raise PrismError(f"unknown trace format {fmt!r}; choose one of {sorted(IMPORTERS)}", parameters=("fmt",))
+    if model is None and fmt != "esft":
+        raise PrismError(f"{fmt} dumps do not say which model they come from: pass `model` (a preset, a config.json "
+                         f"or a model folder)", parameters=("model",))
+    model = resolve_model("deepseek-v2-lite" if model is None else model)
     if Path(out).suffix == ".npz":
         if fmt != "sglang":
-            raise PrismError(f"{fmt} sources become traces: write -o TRACE.parquet, then `prism-plan profile tables`")
+            raise PrismError(f"{fmt} sources become traces: write `out` as a .parquet file, then build tables from it",
+                             parameters=("out",))
         tables = sglang_tables(src, model, origin)
         tables.save(out)
         return {"path": str(out), "format": fmt, "tables": True, "tokens": int(tables.tokens.sum()),

@@ -28,7 +28,7 @@ def _parse_row(d: object, model: ModelSpec, where: str) -> tuple:
     layers = d.get("layers")
     if layers is not None and [int(x) for x in layers] != list(model.layers):
         raise PrismError(f"{where}: `layers` {layers[:4]}... do not match model {model.name!r} MoE layers "
-                         f"{list(model.layers)[:4]}...; pass the right --model")
+                         f"{list(model.layers)[:4]}...; pass the right `model`", parameters=("model",))
     phase = d.get("phase", "prefill")
     if phase not in PHASES:
         raise PrismError(f"{where}: phase {phase!r} is not 'prefill' or 'decode'")

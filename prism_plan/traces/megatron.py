@@ -66,4 +66,4 @@ def _offset(layers: list[int], model: ModelSpec, where: str) -> int:
             return offset
     raise PrismError(f"{where}: records for layers {layers[:6]}{'...' if len(layers) > 6 else ''} do not match "
                      f"model {model.name!r}'s {model.num_layers} MoE layers {list(model.layers)[:6]}...; pass the "
-                     f"right --model")
+                     f"right `model`", parameters=("model",))

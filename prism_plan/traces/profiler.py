@@ -58,7 +58,8 @@ def read_prompts(path: str | Path, tokenizer=None, origin_field: str = "origin",
     prompts = []
     for where, d in json_lines(path, "prompts file"):
         if not isinstance(d, dict) or origin_field not in d:
-            raise PrismError(f"{where}: each line needs a `{origin_field}` (--origin-field) and `text` or `input_ids`")
+            raise PrismError(f"{where}: each line needs a `{origin_field}` (`origin_field`) and `text` or `input_ids`",
+                             parameters=("origin_field",))
         if "input_ids" in d:
             ids = d["input_ids"]
             if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
@@ -203,7 +204,7 @@ def _batch_trace(meta: TraceMeta, origins: list[str], prompts: list[Prompt], req
                  ids[keep.ravel()], None if w is None else w[keep.ravel()])
 
 
-def profile_model(model_name: str | Path, prompts_path: str | Path, out: str | Path, origin_field: str = "origin",
+def profile_model(model_name: str | Path, prompts_path: str | Path, out: str | Path, *, origin_field: str = "origin",
                   max_new_tokens: int = 0, batch_size: int = 8, chat_template: bool = False, weights: bool = True,
                   quiet: bool = False) -> dict:
     """Run the model over the prompts (greedy decoding for `max_new_tokens` steps) and write every token's

@@ -27,7 +27,8 @@ def _moe_rows(arr: np.ndarray, model: ModelSpec, where: str, axis: int) -> np.nd
     """The model's MoE layers out of an array indexed by all hidden layers along `axis`."""
     if arr.shape[axis] != model.num_hidden_layers:
         raise PrismError(f"{where}: {arr.shape[axis]} layers, but model {model.name!r} has "
-                         f"{model.num_hidden_layers} hidden layers (SGLang counts dense ones too); pass the right --model")
+                         f"{model.num_hidden_layers} hidden layers (SGLang counts dense ones too); pass the right `model`",
+                         parameters=("model",))
     return np.take(arr, list(model.layers), axis=axis)
 
 
@@ -82,7 +83,8 @@ def iter_sglang(src: str | Path, model: ModelSpec, origin: str | None = None) ->
             if p2l is not None:
                 ids = _to_logical(ids, np.asarray(p2l), model, where)
             if (ids[:, :, k:] >= 0).any():
-                raise PrismError(f"{where}: more than top_k={k} experts per token; pass the right --model")
+                raise PrismError(f"{where}: more than top_k={k} experts per token; pass the right `model`",
+                                 parameters=("model",))
             ids = ids[:, :, :k].transpose(1, 0, 2)  # [tokens, layers, k]
             real = (ids >= 0).all(axis=(1, 2))
             partial = ~real & (ids >= 0).any(axis=(1, 2))
@@ -91,7 +93,7 @@ def iter_sglang(src: str | Path, model: ModelSpec, origin: str | None = None) ->
                                  f"MoE layers only")
             if (ids[real] >= model.num_experts).any():
                 raise PrismError(f"{where}: expert id >= {model.num_experts}; pass last_physical_to_logical_map "
-                                 f"or the right --model")
+                                 f"or the right `model`", parameters=("model",))
             n = int(real.sum())
             yield Trace(meta, tuple(names), np.full(n, names.index(name), np.int32),
                         np.full(n, int(rec.get("forward_pass_id", i)), np.int64), np.arange(n, dtype=np.int32),

@@ -14,7 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from prism_plan.fileio import atomic_path
-from prism_plan.errors import PrismError
+from prism_plan.errors import MissingInputError, PrismError
 from prism_plan.progress import track
 from prism_plan.traces.trace import Trace, iter_trace
 
@@ -66,6 +66,11 @@ class ActivationTables:
                 h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
+    def summary(self) -> dict:
+        """Headline figures: origins, tokens per origin, shape, activations and the window it covers."""
+        return {"origins": list(self.origins), "tokens": self.tokens.tolist(), "layers": len(self.layers),
+                "experts": self.num_experts, "activations": float(self.freq.sum()), "window": self.meta.get("window")}
+
     def save(self, path: str | Path) -> None:
         """Write to `.npz` atomically (DESIGN.md, "Tables file")."""
         arrays = {"freq": self.freq, "tokens": self.tokens, "origins": np.array(self.origins, dtype=str),
@@ -93,7 +98,7 @@ class ActivationTables:
                            z["coact"] if "coact" in z.files else None, z["trans"] if "trans" in z.files else None,
                            json.loads(str(z["meta"])) if "meta" in z.files else {})
         except FileNotFoundError:
-            raise PrismError(f"no tables file at {path}")
+            raise MissingInputError(f"no tables file at {path}")
         except (ValueError, OSError) as e:
             raise PrismError(f"{path} is not a readable .npz tables file ({e})")
 

@@ -136,6 +136,16 @@ class Trace:
                      np.concatenate([p.decode for p in parts]), np.concatenate([p.experts for p in parts]),
                      np.concatenate([p.weights for p in parts]) if with_w else None)
 
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        """Read a whole trace file into memory (`load_trace`)."""
+        return load_trace(path)
+
+    def save(self, path: str | Path) -> None:
+        """Write the trace to Parquet atomically."""
+        with TraceWriter(path, self.meta, self.weights is not None) as w:
+            w.write(self)
+
 
 def _schema(meta: TraceMeta, with_weights: bool) -> pa.Schema:
     width = len(meta.layers) * meta.top_k
@@ -202,12 +212,6 @@ class TraceWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(ok=exc_type is None)
-
-
-def write_trace(path: str | Path, trace: Trace) -> None:
-    """Write a whole trace to Parquet atomically."""
-    with TraceWriter(path, trace.meta, trace.weights is not None) as w:
-        w.write(trace)
 
 
 def open_trace(path: str | Path) -> tuple[pq.ParquetFile, TraceMeta]:
@@ -277,7 +281,7 @@ def iter_trace(path: str | Path, batch_rows: int = 65536) -> Iterator[Trace]:
         yield _from_batch(batch, meta, origins, str(path))
 
 
-def read_trace(path: str | Path) -> Trace:
+def load_trace(path: str | Path) -> Trace:
     """Read a whole trace file into memory."""
     pf, meta = open_trace(path)
     parts = list(iter_trace(path))

@@ -57,7 +57,8 @@ def iter_vllm(src: str | Path, model: ModelSpec, origin: str | None = None) -> I
                 raise PrismError(f"{where}: expected an integer array [tokens, moe_layers, top_k]")
             if arr.ndim != 3 or arr.shape[1:] != shape:
                 raise PrismError(f"{where}: routed experts have shape {list(arr.shape)}, model {model.name!r} needs "
-                                 f"[tokens, {shape[0]}, {shape[1]}] (MoE layers only); pass the right --model")
+                                 f"[tokens, {shape[0]}, {shape[1]}] (MoE layers only); pass the right `model`",
+                                 parameters=("model",))
             if len(arr) and (arr.min() < 0 or arr.max() >= model.num_experts):
                 raise PrismError(f"{where}: expert id outside 0..{model.num_experts - 1}")
             n = len(arr)

@@ -14,7 +14,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.progress import track
-from prism_plan.traces.tables import ActivationTables, build_tables
+from prism_plan.traces.tables import ActivationTables, build_tables, tables_from_trace
 from prism_plan.traces.trace import Trace, iter_trace
 
 UNITS = ("tokens", "requests")
@@ -69,3 +69,25 @@ def window_tables(path: str | Path, size: int, unit: str = "tokens", pairs: bool
         yield build_tables([w], pairs=pairs, window={"index": i, "unit": unit, "size": size, "first_token": first,
                                                     "tokens": w.num_tokens})
         first += w.num_tokens
+
+
+def write_tables(path: str | Path, out: str | Path, *, window: int | None = None, unit: str = "tokens",
+                 pairs: bool = True, quiet: bool = True) -> list[tuple[Path, ActivationTables]]:
+    """Write the activation tables of the trace at `path` to `out` (.npz), or with `window`, the tables of
+    each window of that many tokens or requests (`unit`) to the folder `out` as window-0000.npz, ...;
+    returns (path, tables) of each file written."""
+    if window is None:
+        tables = tables_from_trace(path, pairs=pairs, quiet=quiet)
+        tables.save(out)
+        return [(Path(out), tables)]
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrismError(f"{out_dir} is a file; window tables go into a folder: give one as `out`",
+                         parameters=("out",))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for tables in window_tables(path, window, unit, pairs=pairs, quiet=quiet):
+        target = out_dir / f"window-{tables.meta['window']['index']:04d}.npz"
+        tables.save(target)
+        written.append((target, tables))
+    return written

@@ -39,24 +39,41 @@ class MilpSolution:
 
     x: np.ndarray | None
     status: str
-    objective: float | None
     bound: float | None
-    seconds: float
 
 
 class MilpBackend(ABC):
     """One solver back end."""
 
     name: ClassVar[str]
-    supports_hint: ClassVar[bool] = False
 
-    @abstractmethod
     def solve(self, model: MilpModel, time_limit: float | None) -> MilpSolution:
         """Solve `model` within `time_limit` seconds (None: no limit)."""
+        # Crossed bounds are infeasible on their face; MathOpt rejects them and MPS cannot say them.
+        if np.any(model.lb > model.ub) or np.any(model.row_lb > model.row_ub):
+            return MilpSolution(None, "infeasible", None)
+        return self._solve(model, time_limit)
+
+    @abstractmethod
+    def _solve(self, model: MilpModel, time_limit: float | None) -> MilpSolution:
+        """solve() for a model whose bounds are not crossed."""
 
 
-# Grace after the time limit before a solve is interrupted from outside (solvers overrun their own limit).
-_GRACE = 0.05
+def status_label(labels: dict, code, has_solution: bool) -> str:
+    """The label (optimal | feasible | infeasible | timeout) that a back end's map `labels` gives its status
+    `code`; a stop (`feasible`, also for codes the map lacks) without a solution is `timeout`."""
+    label = labels.get(code, "feasible")
+    return "timeout" if label == "feasible" and not has_solution else label
+
+
+def integral(model: MilpModel, x: np.ndarray) -> np.ndarray:
+    """`x` ([vars]) with the integer variables rounded, as solvers return them within a tolerance."""
+    return np.where(model.integer, np.round(x), x)
+
+
+# Seconds past its time limit after which a solve is interrupted from outside: solvers overrun their own
+# limits (HiGHS by 39 s on 120 s), and a caller's time limit is a promise of the limit plus about a second.
+_GRACE = 0.5
 
 
 def remaining_time(time_limit: float | None, start: float) -> float | None:
@@ -64,12 +81,17 @@ def remaining_time(time_limit: float | None, start: float) -> float | None:
     return None if time_limit is None else max(0.01, time_limit - (time.perf_counter() - start))
 
 
+def overrun_deadline(seconds: float) -> float:
+    """Seconds after its start at which a solve given `seconds` is stopped from outside if still running."""
+    return seconds + _GRACE
+
+
 @contextmanager
 def interrupt_after(seconds: float | None, interrupt):
     """Call `interrupt()` if the block is still running a little after `seconds` (None: never)."""
     timer = None
     if seconds is not None:
-        timer = threading.Timer(seconds * (1 + _GRACE) + 0.5, interrupt)
+        timer = threading.Timer(overrun_deadline(seconds), interrupt)
         timer.start()
     try:
         yield

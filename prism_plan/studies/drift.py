@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prism_plan.pipeline import make_plan, migrate_placement
+from prism_plan.pipeline import migrate_placement, solve_problem
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.migration import plan_migration
 from prism_plan.placement.model import ModelSpec
 from prism_plan.placement.plan import Plan
 from prism_plan.placement.simulator import simulate
 from prism_plan.progress import track
-from prism_plan.solvers import build_problem, get_solver
+from prism_plan.solvers import build_problem
 from prism_plan.traces.tables import build_tables
 from prism_plan.traces.trace import Trace
 
@@ -49,23 +49,21 @@ def _next_plan(strategy: Strategy, plan: Plan, tables, cluster: ClusterSpec, mod
     if strategy.kind == "never":
         return plan
     if strategy.kind == "scratch":
-        problem = build_problem(tables, cluster, model, plan.min_replicas)
-        return make_plan(tables, cluster, model, problem,
-                         get_solver("exact", time_limit=time_limit).solve(problem, strategy.objective))
-    new, _ = migrate_placement(plan, tables, cluster, strategy.move_cost, strategy.budget_bytes, strategy.min_gain,
-                               time_limit=time_limit, objective=strategy.objective)
+        problem = build_problem(tables, cluster, model, min_replicas=plan.min_replicas)
+        return solve_problem(problem, "exact", objective=strategy.objective, time_limit=time_limit)
+    new, _ = migrate_placement(plan, tables, cluster, objective=strategy.objective, move_cost=strategy.move_cost,
+                               budget_bytes=strategy.budget_bytes, min_gain=strategy.min_gain, time_limit=time_limit)
     return new
 
 
-def replay_drift(windows: list[Trace], cluster: ClusterSpec, model: ModelSpec,
+def replay_drift(windows: list[Trace], cluster: ClusterSpec, model: ModelSpec, *,
                  strategies=DEFAULT_STRATEGIES, time_limit: float | None = 60.0, quiet: bool = True) -> list[dict]:
     """Per strategy: mean simulated TTFT (seconds) and local coverage per window (windows 1..), bytes and experts
     copied per window, stages, and the totals. Every strategy starts from the exact plan of window 0 under its objective.
     time_limit: seconds per solve."""
     tables = [build_tables([w]) for w in windows]
     problem = build_problem(tables[0], cluster, model)
-    exact = get_solver("exact", time_limit=time_limit)
-    first = {obj: make_plan(tables[0], cluster, model, problem, exact.solve(problem, obj))
+    first = {obj: solve_problem(problem, "exact", objective=obj, time_limit=time_limit)
              for obj in sorted({s.objective for s in strategies})}
     rows = []
     for strategy in track(strategies, "replaying strategies", quiet=quiet):
@@ -87,7 +85,7 @@ def replay_drift(windows: list[Trace], cluster: ClusterSpec, model: ModelSpec,
     return rows
 
 
-def with_benefit(rows: list[dict], never: str = "never", reference: str = "from scratch") -> list[dict]:
+def with_benefit(rows: list[dict], *, never: str = "never", reference: str = "from scratch") -> list[dict]:
     """Add each row's benefit (mean TTFT saved against `never`, seconds), its share of the `reference` row's
     benefit (None when the reference gains nothing), and its bytes as a share of the reference's."""
     by = {r["label"]: r for r in rows}

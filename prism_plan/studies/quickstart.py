@@ -4,23 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prism_plan.comparison import best_row, compare
-from prism_plan.pipeline import BUNDLED_CLUSTER, BUNDLED_TRACE
 from prism_plan.placement.cluster import load_cluster
+from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
+from prism_plan.studies.comparison import best_row, compare
 from prism_plan.traces.tables import build_tables
-from prism_plan.traces.trace import read_trace
+from prism_plan.traces.trace import load_trace
 
 QUICK_SECONDS = 10.0
 
 
-def run_quickstart(out_dir: str | Path, time_limit: float | None = None, quiet: bool = False) -> list[dict]:
+def run_quickstart(out_dir: str | Path = "prism-quickstart", *, time_limit: float | None = None,
+                   quiet: bool = False) -> list[dict]:
     """Plan from the first half of each ESFT domain's requests with every solver, replay the second half on the
     bundled edge-4 cluster; write tables.npz (profiling half) and plan.json (the lowest latency) to `out_dir`.
 
-    Returns the comparison rows (see prism_plan.comparison). time_limit: seconds per searching solver.
+    Returns the comparison rows (see prism_plan.studies.comparison). time_limit: seconds per solve (default
+    QUICK_SECONDS).
     """
     out_dir = Path(out_dir)
-    profile, evaluation = read_trace(BUNDLED_TRACE).split_requests(0.5)
+    profile, evaluation = load_trace(BUNDLED_TRACE).split_requests(0.5)
     cluster = load_cluster(BUNDLED_CLUSTER)
     rows, plans = compare(cluster, profile, evaluation, time_limit=time_limit or QUICK_SECONDS, quiet=quiet)
     build_tables([profile]).save(out_dir / "tables.npz")

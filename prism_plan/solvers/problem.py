@@ -1,0 +1,175 @@
+"""What every solver sees: a PlacementProblem (with the tables, cluster and model it came from), and what a
+model or heuristic hands back, a Solution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from prism_plan.errors import InfeasibleError, PrismError
+from prism_plan.placement.cluster import ClusterSpec
+from prism_plan.placement.metrics import memory_used
+from prism_plan.placement.model import ModelSpec, model_from_meta
+from prism_plan.placement.simulator import CostModel, Workload, prepare_workload
+from prism_plan.traces.tables import ActivationTables
+from prism_plan.units import human_bytes
+
+
+@dataclass(frozen=True)
+class PlacementProblem:
+    """A placement problem in arrays.
+
+    weight: [servers, layers, experts] float64, activations that arrive at the server's origins.
+    layer_bytes: [layers] int64, bytes of one expert of each MoE layer.
+    budget: [servers] int64, bytes each server has for routed experts.
+    hop_seconds: [servers, servers] float64, time to send one token's hidden state between servers.
+    min_replicas: copies every expert must have.
+    costs: link and compute costs (latency and traffic objectives); tokens: tokens behind `weight`.
+    workload: the token-level trace, cut into steps, for objectives judged by replaying it.
+    tables, cluster, model, homes: what the problem was built from (None for problems made by hand);
+    homes: [origins] the server index of each of the tables' origins.
+    """
+
+    weight: np.ndarray
+    layer_bytes: np.ndarray
+    budget: np.ndarray
+    hop_seconds: np.ndarray
+    min_replicas: int = 1
+    server_names: tuple[str, ...] = ()
+    costs: CostModel | None = None
+    tokens: float = 0.0
+    workload: Workload | None = None
+    tables: ActivationTables | None = field(default=None, repr=False)
+    cluster: ClusterSpec | None = field(default=None, repr=False)
+    model: ModelSpec | None = field(default=None, repr=False)
+    homes: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(servers, layers, experts)."""
+        return self.weight.shape
+
+    @property
+    def uniform(self) -> bool:
+        """True when all experts have one size: memory is then a count of expert slots."""
+        return bool(np.all(self.layer_bytes == self.layer_bytes[0]))
+
+    @property
+    def slots(self) -> np.ndarray:
+        """[servers] int64, experts each server can hold (uniform sizes), at most one per (layer, expert)."""
+        s, l, e = self.shape
+        return np.minimum(self.budget // self.layer_bytes.max(), l * e)
+
+    @property
+    def cell_bytes(self) -> np.ndarray:
+        """bytes: [servers, layers, experts] int64 (a read-only broadcast), the size of each placement cell."""
+        return np.broadcast_to(self.layer_bytes[None, :, None], self.shape)
+
+    @property
+    def per_token(self) -> float:
+        """1 / tokens behind `weight` (1 when unknown): turns profile totals into per-token figures."""
+        return 1.0 / self.tokens if self.tokens else 1.0
+
+    @property
+    def round_trip(self) -> np.ndarray:
+        """seconds: [servers, servers], sending one token's hidden state from row to column server and back."""
+        return self.hop_seconds + self.hop_seconds.T
+
+    @property
+    def act_seconds(self) -> np.ndarray:
+        """seconds: [servers], computing one activation (one token in one expert); 0 without costs."""
+        if self.costs is None:
+            return np.zeros(self.shape[0])
+        return self.costs.expert_flops / self.costs.flops
+
+    @property
+    def demand(self) -> np.ndarray:
+        """[layers, experts] float64, activations summed over servers (origin-blind load)."""
+        return self.weight.sum(axis=0)
+
+    def memory(self, hosted: np.ndarray) -> np.ndarray:
+        """bytes: [servers] int64, what `hosted` ([servers, layers, experts] bool) takes on each server."""
+        return memory_used(hosted, self.layer_bytes)
+
+
+@dataclass
+class Solution:
+    """A placement a model or heuristic found, with what it proves.
+
+    hosted: [servers, layers, experts] bool; status: optimal | feasible | heuristic | timeout; bound: the best
+    bound proven on the optimum of the objective solved (None when unknown); routing: [servers, layers,
+    experts] the serving server of each home server's activations, when the model chose it (else the nearest
+    replica serves); extra: model-specific evidence for the plan file.
+    """
+
+    hosted: np.ndarray
+    status: str
+    bound: float | None = None
+    routing: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec | None = None, *,
+                  min_replicas: int = 1, trace=None, concurrency: int = 1) -> PlacementProblem:
+    """Check that tables, cluster and model describe the same thing, and gather the solver's arrays.
+
+    model: default the one the tables were recorded from. trace: the Trace the tables were built from, for
+    objectives judged by replaying it (its requests batched `concurrency` per origin and step, as in the
+    simulator).
+    """
+    if isinstance(min_replicas, bool) or not isinstance(min_replicas, (int, np.integer)) or min_replicas < 1:
+        raise PrismError(f"`min_replicas` must be an integer of at least 1, got {min_replicas!r}",
+                         parameters=("min_replicas",))
+    if not isinstance(concurrency, (int, np.integer)) or concurrency < 1:
+        raise PrismError(f"`concurrency` must be an integer of at least 1, got {concurrency!r}",
+                         parameters=("concurrency",))
+    model = model_from_meta(tables.meta, "the tables") if model is None else model
+    if tuple(tables.layers) != tuple(model.layers) or tables.num_experts != model.num_experts:
+        raise PrismError(f"tables are for layers {_span(tables.layers)} x {tables.num_experts} experts but model "
+                         f"{model.name!r} has layers {_span(model.layers)} x {model.num_experts}; pass the `model` "
+                         f"the trace was recorded with", parameters=("model",))
+    homes = cluster.homes(list(tables.origins))
+    weight = np.zeros((cluster.num_servers,) + tables.freq.shape[1:])
+    np.add.at(weight, homes, tables.freq)
+    workload = None
+    if trace is not None:
+        model.check_same_shape(trace.meta, "the trace")
+        origins = tuple(trace.origins)
+        workload = prepare_workload(trace, origins, cluster.homes(list(origins)), concurrency)
+    problem = PlacementProblem(weight, model.layer_bytes, cluster.budgets, cluster.hop_seconds(model.token_bytes),
+                               int(min_replicas), tuple(cluster.names), CostModel.of(cluster, model),
+                               float(tables.tokens.sum()), workload, tables, cluster, model, homes)
+    check_feasible(problem)
+    return problem
+
+
+def _span(layers: tuple[int, ...]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if layers else "[]"
+
+
+def check_feasible(problem: PlacementProblem) -> None:
+    """Raise InfeasibleError, naming the shortfall in GiB, when the cluster cannot hold every expert
+    `min_replicas` times."""
+    s, l, e = problem.shape
+    r = problem.min_replicas
+    if r > s:
+        raise InfeasibleError(f"min_replicas={r} needs at least {r} servers, the cluster has {s}; lower "
+                              f"`min_replicas` or add servers", parameters=("min_replicas",))
+    need = r * e * int(problem.layer_bytes.sum())
+    if problem.uniform:
+        have = int(problem.slots.sum()) * int(problem.layer_bytes[0])
+    else:  # a server holds each (layer, expert) once: memory beyond one full copy of the model is no use
+        have = int(np.minimum(problem.budget, e * int(problem.layer_bytes.sum())).sum())
+    if have < need:
+        lines = ", ".join(f"{n} {human_bytes(b)}" for n, b in zip(problem.server_names, problem.budget))
+        raise InfeasibleError(f"infeasible budget: {r} cop{'y' if r == 1 else 'ies'} of every expert need "
+                              f"{human_bytes(need)} but the servers hold {human_bytes(have)} of whole experts "
+                              f"({lines}); short by {human_bytes(need - have)}: raise memory_gib or add a server")
+
+
+def placement_fits(problem: PlacementProblem, hosted: np.ndarray) -> bool:
+    """Whether `hosted` ([servers, layers, experts] bool) keeps every server within its memory and every expert
+    at min_replicas copies."""
+    return bool((problem.memory(hosted) <= problem.budget).all()
+                and hosted.sum(axis=0).min() >= problem.min_replicas)
