@@ -3,74 +3,22 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import click
 
 from prism_plan import __version__
+from prism_plan.cli_options import CLUSTER, CONCURRENCY, FILE, NO_WEIGHTS, PLAN, POSITIVE_SECONDS, Group, outputs, say
 from prism_plan.errors import PrismError
 from prism_plan.messages import (describe_drift, describe_export, describe_migration, describe_plan, describe_rank,
                                  describe_simulation, describe_tables, describe_trace, migration_summary)
-from prism_plan.progress import spinner
+from prism_plan.placement.cluster import GIB
 from prism_plan.placement.export import FORMATS as EXPORT_FORMATS
+from prism_plan.progress import spinner
 from prism_plan.solvers import BACKENDS, OBJECTIVES, SOLVERS
 from prism_plan.traces.importing import IMPORTERS
 from prism_plan.traces.windows import UNITS
-
-GIB = 2**30
-FILE = click.Path(path_type=Path)
-POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
-IMPORT_FORMATS = list(IMPORTERS)
-# Library parameters whose flag carries another name (the rest share the flag's name).
-FLAG_OF = {"budget_bytes": "budget_gib", "out": "output", "journal_dir": "journal", "timeout_s": "timeout",
-           "current": "plan"}
-
-
-class Command(click.Command):
-    """A verb whose library errors name its own flags instead of the Python parameters."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except PrismError as e:
-            flags = {p.name: max(p.opts, key=len) for p in self.params if isinstance(p, click.Option)}
-            for name in e.parameters:
-                flag = flags.get(FLAG_OF.get(name, name), name.replace("_", " "))
-                e.args = (re.sub(rf"`{re.escape(name)}`", flag, str(e)),)
-            raise
-
-
-class Group(click.Group):
-    """Commands listed in pipeline order, each a `Command`."""
-
-    command_class = Command
-    group_class = type
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
-
-
-def outputs(what: str, required: bool = True, default: Path | None = None):
-    """-o/--output, --quiet and --json, the options of every verb that writes."""
-    return lambda f: click.option("-o", "--output", type=FILE, required=required, default=default, help=what,
-                                  show_default=default is not None)(
-        click.option("--quiet", is_flag=True, help="No progress display (also off in pipes).")(
-            click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")(f)))
-
-
-def say(as_json: bool, summary, lines) -> None:
-    """The summary as JSON, or the lines (one string or several) for people."""
-    click.echo(json.dumps(summary, indent=1, default=float) if as_json else
-               lines if isinstance(lines, str) else "\n".join(lines))
-
-
-PLAN = click.option("--plan", type=FILE, required=True, help="Plan (.json).")
-CLUSTER = click.option("--cluster", required=True, help="Cluster TOML, or the name of a bundled one (edge-4).")
-NO_WEIGHTS = click.option("--no-weights", is_flag=True, help="Leave gate weights out (a much smaller file).")
-CONCURRENCY = click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
-                           help="Requests per origin batched in one step when replaying a trace.")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -106,7 +54,7 @@ def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_n
 
 @profile.command("import")
 @click.argument("src", type=FILE)
-@click.option("--format", "fmt", type=click.Choice(IMPORT_FORMATS), required=True, help="Source format.")
+@click.option("--format", "fmt", type=click.Choice(list(IMPORTERS)), required=True, help="Source format.")
 @click.option("--model", help="Preset, config.json or model folder [default for esft: deepseek-v2-lite].")
 @outputs("Trace to write (.parquet); for SGLang stat dumps (counts only), tables (.npz).")
 @click.option("--origin", help="Origin of every token [default: the file's name, or rank for megatron].")
@@ -245,7 +193,8 @@ def export(plan, fmt, tables, output, quiet, as_json) -> None:
     """Write a plan in a serving system's format, checked the way that system reads it."""
     from prism_plan.placement.export import export_plan
 
-    s = export_plan(plan, fmt, output, tables=tables)
+    with spinner(f"exporting ({fmt})", quiet):
+        s = export_plan(plan, fmt, output, tables=tables)
     say(as_json, s, describe_export(s))
 
 

@@ -148,6 +148,9 @@ def _span(layers: tuple[int, ...]) -> str:
     return f"{layers[0]}..{layers[-1]}" if layers else "[]"
 
 
+_LISTED = 8  # servers named in an infeasibility message; a long list would bury the shortfall
+
+
 def check_feasible(problem: PlacementProblem) -> None:
     """Raise InfeasibleError, naming the shortfall in GiB, when the cluster cannot hold every expert
     `min_replicas` times."""
@@ -162,7 +165,8 @@ def check_feasible(problem: PlacementProblem) -> None:
     else:  # a server holds each (layer, expert) once: memory beyond one full copy of the model is no use
         have = int(np.minimum(problem.budget, e * int(problem.layer_bytes.sum())).sum())
     if have < need:
-        lines = ", ".join(f"{n} {human_bytes(b)}" for n, b in zip(problem.server_names, problem.budget))
+        shown = [f"{n} {human_bytes(b)}" for n, b in zip(problem.server_names[:_LISTED], problem.budget)]
+        lines = ", ".join(shown + ([f"and {s - _LISTED} more"] if s > _LISTED else []))
         raise InfeasibleError(f"infeasible budget: {r} cop{'y' if r == 1 else 'ies'} of every expert need "
                               f"{human_bytes(need)} but the servers hold {human_bytes(have)} of whole experts "
                               f"({lines}); short by {human_bytes(need - have)}: raise memory_gib or add a server")
