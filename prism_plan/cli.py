@@ -9,16 +9,25 @@ from pathlib import Path
 import click
 
 from prism_plan import __version__
-from prism_plan.cli_options import CLUSTER, CONCURRENCY, FILE, NO_WEIGHTS, PLAN, POSITIVE_SECONDS, Group, outputs, say
+from prism_plan.cli_options import (CLUSTER, CONCURRENCY, FILE, Group, NO_WEIGHTS, outputs, PLAN, POSITIVE_SECONDS,
+                                    say)
 from prism_plan.errors import PrismError
+from prism_plan.executor.launch import apply_plan
 from prism_plan.messages import (describe_drift, describe_export, describe_migration, describe_plan, describe_rank,
                                  describe_simulation, describe_tables, describe_trace, migration_summary)
+from prism_plan.pipeline import migrate_placement, solve_placement
 from prism_plan.placement.cluster import GIB
-from prism_plan.placement.export import FORMATS as EXPORT_FORMATS
+from prism_plan.placement.export import export_plan, FORMATS as EXPORT_FORMATS
+from prism_plan.placement.simulator import simulate as replay
 from prism_plan.progress import spinner
+from prism_plan.report import write_report
 from prism_plan.solvers import BACKENDS, OBJECTIVES, SOLVERS
-from prism_plan.traces.importing import IMPORTERS
-from prism_plan.traces.windows import UNITS
+from prism_plan.studies.comparison import format_rows
+from prism_plan.studies.quickstart import run_quickstart
+from prism_plan.traces.drift import write_drifting_workload
+from prism_plan.traces.importing import import_trace, IMPORTERS
+from prism_plan.traces.profiler import profile_model
+from prism_plan.traces.windows import UNITS, write_tables
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -45,8 +54,6 @@ def profile() -> None:
 def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_new_tokens, batch_size, chat_template,
                 no_weights) -> None:
     """Run a Hugging Face MoE model (a local folder or hub id) over prompts and record every token's routing."""
-    from prism_plan.traces.profiler import profile_model
-
     s = profile_model(model_name, prompts, output, origin_field=origin_field, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, chat_template=chat_template, weights=not no_weights, quiet=quiet)
     say(as_json, s, describe_trace(s))
@@ -61,8 +68,6 @@ def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_n
 @NO_WEIGHTS
 def profile_import(src, fmt, model, output, quiet, as_json, origin, no_weights) -> None:
     """Convert routing recorded elsewhere (ESFT, SGLang, vLLM, Megatron-Core, generic JSONL) to a Parquet trace."""
-    from prism_plan.traces.importing import import_trace
-
     s = import_trace(fmt, src, output, model=model, weights=not no_weights, quiet=quiet, origin=origin)
     say(as_json, s, describe_trace(s))
 
@@ -76,8 +81,6 @@ def profile_import(src, fmt, model, output, quiet, as_json, origin, no_weights) 
 @click.option("--no-pairs", is_flag=True, help="Skip co-activation and transition counts.")
 def profile_tables(trace, output, quiet, as_json, window, window_unit, no_pairs) -> None:
     """Count activations per origin, layer and expert (and expert pairs) in a trace, whole or per window."""
-    from prism_plan.traces.windows import write_tables
-
     written = write_tables(trace, output, window=window, unit=window_unit, pairs=not no_pairs, quiet=quiet)
     summary = [{"path": str(path), **t.summary()} for path, t in written]
     say(as_json, summary if window is not None else summary[0], describe_tables(written))
@@ -94,8 +97,6 @@ def profile_tables(trace, output, quiet, as_json, window, window_unit, no_pairs)
 def profile_drift(trace, output, quiet, as_json, windows, window_tokens, shift, seed) -> None:
     """Build a drifting workload from a trace's origins (e.g. the ESFT domains): each stream's mix of domains
     rotates to the next domain over the windows."""
-    from prism_plan.traces.drift import write_drifting_workload
-
     with spinner("building the drifting workload", quiet):
         s = write_drifting_workload(trace, output, windows=windows, window_tokens=window_tokens, shift=shift,
                                     seed=seed)
@@ -123,8 +124,6 @@ def profile_drift(trace, output, quiet, as_json, windows, window_tokens, shift, 
 def solve(tables, cluster, model, objective, solver, backend, trace, concurrency, start, time_limit, min_replicas,
           seed, output, quiet, as_json) -> None:
     """Solve for a placement and write the plan."""
-    from prism_plan.pipeline import solve_placement
-
     with spinner(f"solving ({solver}, {objective})", quiet):
         plan = solve_placement(tables, cluster, model, solver=solver, objective=objective, time_limit=time_limit,
                                min_replicas=min_replicas, seed=seed, backend=backend, trace=trace,
@@ -153,8 +152,6 @@ def solve(tables, cluster, model, objective, solver, backend, trace, concurrency
 def migrate(plan, tables, cluster, objective, budget_gib, move_cost, min_gain, min_replicas, backend, time_limit,
             output, quiet, as_json, moves) -> None:
     """Re-plan for new traffic from the current plan, moving only what pays, and write the ordered moves."""
-    from prism_plan.pipeline import migrate_placement
-
     with spinner(f"re-solving ({objective})", quiet):
         new, steps = migrate_placement(plan, tables, cluster, objective=objective, move_cost=move_cost,
                                        budget_bytes=None if budget_gib is None else int(budget_gib * GIB),
@@ -173,8 +170,6 @@ def migrate(plan, tables, cluster, objective, budget_gib, move_cost, min_gain, m
 @outputs("Write every number (per request, server and link) as JSON here [default: only print].", required=False)
 def simulate(plan, trace, cluster, concurrency, output, quiet, as_json) -> None:
     """Replay a trace through a plan: time to first token, time per output token, load and link traffic."""
-    from prism_plan.placement.simulator import simulate as replay
-
     result = replay(plan, trace, cluster, concurrency=concurrency, quiet=quiet)
     if output is not None:
         result.save(output)
@@ -191,8 +186,6 @@ def simulate(plan, trace, cluster, concurrency, output, quiet, as_json) -> None:
 @outputs("File to write.")
 def export(plan, fmt, tables, output, quiet, as_json) -> None:
     """Write a plan in a serving system's format, checked the way that system reads it."""
-    from prism_plan.placement.export import export_plan
-
     with spinner(f"exporting ({fmt})", quiet):
         s = export_plan(plan, fmt, output, tables=tables)
     say(as_json, s, describe_export(s))
@@ -214,8 +207,6 @@ def export(plan, fmt, tables, output, quiet, as_json) -> None:
 def apply(plan, cluster, moves, checkpoint, journal, timeout, as_json) -> None:
     """Apply a plan to real devices, one process per server (rank i = the plan's i-th server), under torchrun:
     load each rank's experts, run the moves over torch.distributed (NCCL on GPUs, gloo on CPUs)."""
-    from prism_plan.executor.launch import apply_plan
-
     s = apply_plan(plan, cluster, moves=moves, checkpoint=checkpoint, journal_dir=journal, timeout_s=timeout)
     click.echo(json.dumps(s) if as_json else describe_rank(s))
 
@@ -232,8 +223,6 @@ def apply(plan, cluster, moves, checkpoint, journal, timeout, as_json) -> None:
 @click.option("--png", type=FILE, help="Also write every figure as PNG into this folder.")
 def report(plan, tables, cluster, trace, layer, output, quiet, as_json, png) -> None:
     """Write one self-contained HTML report with plots of the plan and its traffic."""
-    from prism_plan.report import write_report
-
     with spinner("drawing the report", quiet):
         rep = write_report(plan, output, tables=tables, cluster=cluster, trace=trace, layer=layer, png_dir=png)
     names = [f.name for f in rep.figures]
@@ -247,9 +236,6 @@ def report(plan, tables, cluster, trace, layer, output, quiet, as_json, png) -> 
 def quickstart(output, quiet, as_json, time_limit) -> None:
     """Run the whole path on the bundled real ESFT traces and a 4-server edge cluster: plan from half of each
     domain's requests with every solver, replay the other half, compare simulated latency."""
-    from prism_plan.studies.comparison import format_rows
-    from prism_plan.studies.quickstart import run_quickstart
-
     rows = run_quickstart(output, time_limit=time_limit, quiet=quiet)
     say(as_json, rows, [format_rows(rows), f"\ntables and the fastest plan are in {output}/"])
 
