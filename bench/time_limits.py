@@ -51,13 +51,15 @@ def main() -> None:
                  ("greedy", "coverage"), ("exact", "coverage")]),
              ("latency, 16 servers", latency_problem(), [
                  ("greedy", "latency"), ("exact", "latency"), ("local-search", "simulated_ttft")])]
-    print(f"{'problem':22} {'solver':>13} {'objective':>15} {'status':>10} {'wall s':>7} {'limit + 2 s':>11}")
+    print(f"{'problem':22} {'solver':>13} {'objective':>15} {'status':>10} {'gap':>14} {'wall s':>7} "
+          f"{'limit + 2 s':>11}")
     for label, problem, runs in cases:
         for solver, objective in runs:
             t = time.perf_counter()
             res = get_solver(solver, time_limit=limit).solve(problem, objective)
             wall = time.perf_counter() - t
-            print(f"{label:22} {solver:>13} {objective:>15} {res.status:>10} {wall:>7.2f} "
+            gap = "n/a" if res.gap is None else f"{100 * res.gap:.2f}%" + (" (weak)" if res.weak_bound else "")
+            print(f"{label:22} {solver:>13} {objective:>15} {res.status:>10} {gap:>14} {wall:>7.2f} "
                   f"{'kept' if wall <= limit + 2 else 'BROKEN':>11}")
 
 

@@ -15,7 +15,7 @@ from prism_plan.placement.simulator import simulate
 from prism_plan.solvers import build_problem, get_solver
 from prism_plan.solvers.latency import lagrangian
 from prism_plan.solvers import latency
-from prism_plan.solvers.objectives import (latency_terms, simulated_ttft_lower_bound, simulated_ttft_value,
+from prism_plan.solvers.objectives import (latency_lower_bound, latency_terms, simulated_ttft_lower_bound, simulated_ttft_value,
                                            traffic_lower_bound, traffic_value)
 from prism_plan.traces.tables import build_tables
 from prism_plan.traces.trace import load_trace
@@ -30,6 +30,7 @@ def test_latency_milp_matches_brute_force(seed):
     assert res.status == "optimal"
     assert res.objective == pytest.approx(best, rel=1e-6)
     assert res.bound <= res.objective * (1 + 1e-6)
+    assert latency_lower_bound(problem) <= best * (1 + 1e-9)
     bound, rounded = lagrangian(problem, upper=2 * best)
     assert bound <= best * (1 + 1e-9)
     if rounded is not None:
@@ -80,6 +81,9 @@ def test_bounds_hold_for_every_placement(replay_problem):
         assert simulated_ttft_value(replay_problem, hosted) >= s_bound
     everywhere = np.ones(replay_problem.shape, bool)
     assert traffic_value(replay_problem, everywhere) == 0.0
+    l_bound = latency_lower_bound(replay_problem)
+    for name in ("exact", "greedy", "eplb"):
+        assert sum(latency_terms(replay_problem, get_solver(name).solve(replay_problem).hosted)) >= l_bound
 
 
 @pytest.mark.parametrize("objective", ["simulated_ttft", "traffic"])

@@ -103,11 +103,12 @@ class Solver(ABC):
             hosted = repair_coverage(problem, hosted, deadline)
         status, bound = sol.status, sol.bound
         if objective not in self.objectives:  # a placement made without looking at this objective
-            status, bound = "heuristic", None
+            status, bound, weak = "heuristic", None, False
+        weak = sol.weak_bound
         if bound is None and status != "optimal" and obj.bound is not None:
-            bound = obj.bound(problem)
+            bound, weak = obj.bound(problem), obj.weak_bound
         value = obj.value(problem, hosted, sol.routing)
         seconds = deadline.elapsed()
         return SolveResult(hosted.astype(bool), self.name, status, value, bound,
                            relative_gap(value, bound, obj.maximize), seconds, objective, obj.measure,
-                           obj.weak_bound and bound is not None, sol.routing, sol.extra)
+                           weak, sol.routing, sol.extra)

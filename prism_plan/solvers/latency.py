@@ -22,7 +22,8 @@ import scipy.sparse as sp
 from prism_plan.solvers.backends import BACKENDS, MilpModel
 from prism_plan.solvers.coverage import move_model, solve_coverage
 from prism_plan.solvers.deadline import Deadline
-from prism_plan.solvers.objectives import MoveTerms, layer_makespan, nearest_routing, net_objective, proven_status
+from prism_plan.solvers.objectives import (MoveTerms, balanced_compute, latency_lower_bound, layer_makespan,
+                                           nearest_routing, net_objective, proven_status)
 from prism_plan.solvers.problem import PlacementProblem, Solution, placement_fits
 
 # The model is solved in microseconds per token, so the back ends' absolute tolerances do not swallow it.
@@ -123,21 +124,21 @@ def decode(problem: PlacementProblem, cells: np.ndarray, x: np.ndarray) -> tuple
 def solve_latency(problem: PlacementProblem, starts: list[np.ndarray], *, deadline: Deadline,
                   backend: str = "highs", moves: MoveTerms | None = None, warm_start: bool = True) -> Solution:
     """The latency model's best placement and routing (net of the move cost, within the move budget, when
-    `moves` are given) with the best bound proven: the Lagrangian bound (up to MAX_ENUMERATED_SERVERS servers)
-    and the MILP's (when it fits). starts: feasible placements to begin from; the coverage optimum joins them.
+    `moves` are given) with the best bound proven: the cheap `latency_lower_bound` (marked weak when nothing
+    beats it), the Lagrangian bound (up to MAX_ENUMERATED_SERVERS servers) and the MILP's (when it fits). starts: feasible placements to begin from; the coverage optimum joins them.
     The MILP gets what time is left."""
     objective = net_objective("latency", moves)
     ok = lambda h: placement_fits(problem, h) and (moves is None or moves.within_budget(problem, h))  # noqa: E731
     candidates = [h for h in starts if ok(h)]
     if problem.uniform or not candidates:
         candidates.append(solve_coverage(problem, deadline=deadline, backend=backend, moves=moves).hosted)
-    bounds = []
+    bounds = [latency_lower_bound(problem)]
     if problem.shape[0] <= MAX_ENUMERATED_SERVERS:
         bound, rounded = lagrangian(problem, min(objective.value(problem, h) for h in candidates), deadline)
         bounds.append(bound)
         candidates += [] if rounded is None or not ok(rounded) else [rounded]
     best = min(candidates, key=lambda h: objective.value(problem, h))
-    routing, timed_out = None, False
+    routing = None
     if milp_fits(problem) and not deadline.expired():
         model, cells = latency_milp(problem, best if warm_start else None)
         sol = BACKENDS[backend]().solve(move_model(model, problem, moves, SCALE), deadline.remaining())
@@ -147,11 +148,10 @@ def solve_latency(problem: PlacementProblem, starts: list[np.ndarray], *, deadli
             hosted, milp_routing = decode(problem, cells, sol.x)
             if objective.value(problem, hosted, milp_routing) <= objective.value(problem, best):
                 best, routing = hosted, milp_routing
-        timed_out = sol.status == "timeout"
     value = objective.value(problem, best, routing)
-    bound = max(bounds) if bounds else None
-    status = "timeout" if timed_out and bound is None else proven_status(value, bound, maximize=False)
-    return Solution(best, status, bound, routing)
+    bound = max(bounds)
+    status = proven_status(value, bound, maximize=False)
+    return Solution(best, status, bound, routing, weak_bound=bound == bounds[0])
 
 
 # Lagrangian decomposition for clusters too large for the MILP: relaxing memory with multipliers mu (seconds
@@ -179,9 +179,7 @@ def lagrangian(problem: PlacementProblem, upper: float, deadline: Deadline | Non
     service = problem.weight.transpose(1, 2, 0).reshape(l_n * e_n, s_n) @ reach.T * problem.per_token  # [cells, sets]
     size = np.repeat(problem.layer_bytes, e_n).astype(float)  # [cells]
     budget = problem.budget.astype(float)
-    act = problem.act_seconds
-    speed = (1.0 / np.where(act > 0, act, np.inf)).sum()  # activations per second, all servers together
-    balanced = float(problem.weight.sum() / speed) * problem.per_token if act.any() else 0.0
+    balanced = balanced_compute(problem)
     mu, best, best_mu = np.zeros(s_n), -np.inf, np.zeros(s_n)
     for i in range(iterations):
         if i and deadline is not None and deadline.expired():

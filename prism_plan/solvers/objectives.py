@@ -46,9 +46,9 @@ def coverage_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.nd
     return float((problem.weight * hosted).sum())
 
 
-def coverage_upper_bound(problem: PlacementProblem) -> float:
-    """A bound no placement can beat: each server's fractional knapsack of its own activations, ignoring
-    the replica constraint. O(servers x layers x experts x log) array work."""
+def local_upper_bounds(problem: PlacementProblem) -> np.ndarray:
+    """[servers]: the most activations each server can serve at home, a fractional knapsack of its own
+    activations in its memory (ignoring the replica constraint). O(servers x layers x experts x log)."""
     s = problem.shape[0]
     size = problem.cell_bytes.reshape(s, -1).astype(float)
     w = problem.weight.reshape(s, -1)
@@ -57,7 +57,34 @@ def coverage_upper_bound(problem: PlacementProblem) -> float:
     b_sorted = np.take_along_axis(size, order, axis=1)
     used_before = np.cumsum(b_sorted, axis=1) - b_sorted
     frac = np.clip((problem.budget[:, None] - used_before) / b_sorted, 0.0, 1.0)
-    return float((w_sorted * frac).sum())
+    return (w_sorted * frac).sum(axis=1)
+
+
+def coverage_upper_bound(problem: PlacementProblem) -> float:
+    """A bound no placement can beat: every server serves at most its `local_upper_bounds` at home."""
+    return float(local_upper_bounds(problem).sum())
+
+
+def balanced_compute(problem: PlacementProblem) -> float:
+    """Seconds per token no placement's compute makespans beat: every layer's activations spread over all
+    servers in proportion to their speed."""
+    act = problem.act_seconds
+    if not act.any():
+        return 0.0
+    speed = (1.0 / np.where(act > 0, act, np.inf)).sum()  # activations per second, all servers together
+    return float(problem.weight.sum() / speed) * problem.per_token
+
+
+def latency_lower_bound(problem: PlacementProblem) -> float:
+    """Seconds per token no placement beats in the latency model: the activations a server cannot serve at
+    home (beyond `local_upper_bounds`) pay at least its cheapest round trip, and compute at least
+    `balanced_compute`. Cheap and loose: it ignores the replica rows and every server's load."""
+    s = problem.shape[0]
+    if s == 1:
+        return balanced_compute(problem)
+    cheapest = np.where(np.eye(s, dtype=bool), np.inf, problem.round_trip).min(axis=1)
+    remote = np.maximum(problem.weight.sum(axis=(1, 2)) - local_upper_bounds(problem), 0.0)
+    return float(remote @ cheapest) * problem.per_token + balanced_compute(problem)
 
 
 def nearest_routing(problem: PlacementProblem, hosted: np.ndarray, homes: np.ndarray | None = None) -> np.ndarray:
@@ -167,7 +194,8 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("coverage", True, "activations served at their origin's server", coverage_value,
               coverage_upper_bound),
-    Objective("latency", False, "expected MoE seconds per token (latency model)", latency_value),
+    Objective("latency", False, "expected MoE seconds per token (latency model)", latency_value,
+              latency_lower_bound, weak_bound=True),
     Objective("traffic", False, "network bytes per token (replayed trace)", traffic_value, traffic_lower_bound,
               weak_bound=True),
     Objective("simulated_ttft", False, "simulated mean MoE seconds per request (replayed trace)",
@@ -206,7 +234,7 @@ class MoveTerms:
 
 def with_moves(objective: Objective, moves: MoveTerms) -> Objective:
     """`objective` net of the move cost: value - cost x copied when maximising, value + cost x copied when
-    minimising. The bound of the plain objective stays valid only without a cost, so it is dropped."""
+    minimising. The plain objective's bound stays valid: a cost only moves the value away from it."""
     sign = -1.0 if objective.maximize else 1.0
 
     def net(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
@@ -214,7 +242,7 @@ def with_moves(objective: Objective, moves: MoveTerms) -> Objective:
 
     joined = "minus" if objective.maximize else "plus"
     return Objective(objective.name, objective.maximize, f"{objective.measure}, {joined} move cost x bytes copied",
-                     net, objective.bound if moves.cost_per_byte == 0 else None, objective.weak_bound)
+                     net, objective.bound, objective.weak_bound)
 
 
 def net_objective(name: str, moves: MoveTerms | None) -> Objective:

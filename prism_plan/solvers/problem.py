@@ -100,7 +100,8 @@ class Solution:
     hosted: [servers, layers, experts] bool; status: optimal | feasible | heuristic | timeout; bound: the best
     bound proven on the optimum of the objective solved (None when unknown); routing: [servers, layers,
     experts] the serving server of each home server's activations, when the model chose it (else the nearest
-    replica serves); extra: model-specific evidence for the plan file.
+    replica serves); extra: model-specific evidence for the plan file; weak_bound: the bound is a cheap one,
+    loose by construction.
     """
 
     hosted: np.ndarray
@@ -108,6 +109,7 @@ class Solution:
     bound: float | None = None
     routing: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    weak_bound: bool = False
 
 
 def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec | None = None, *,
