@@ -66,8 +66,8 @@ def format_rows(rows: list[dict]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     best = best_row(rows)
     if any(r["weak_bound"] for r in rows):
-        lines.append("* against a bound that is loose by construction (the replay objectives'); gaps of different "
-                     "objectives do not compare")
+        lines.append("* against a cheap bound, loose by construction (no solver proved a tighter one); gaps of "
+                     "different objectives do not compare")
     lines.append(f"best prism-plan placement ({best['label']}): mean simulated time per request "
                  f"{100 * (1 - best['mean_latency_s'] / base['linear']):.1f}% below linear, "
                  f"{100 * (1 - best['mean_latency_s'] / base['eplb']):.1f}% below eplb")
