@@ -101,10 +101,9 @@ class Solver(ABC):
         if (hosted.sum(axis=0) < problem.min_replicas).any():
             # Layouts that place one copy of each expert get the further copies where they cost least.
             hosted = repair_coverage(problem, hosted, deadline)
-        status, bound = sol.status, sol.bound
+        status, bound, weak = sol.status, sol.bound, sol.weak_bound
         if objective not in self.objectives:  # a placement made without looking at this objective
             status, bound, weak = "heuristic", None, False
-        weak = sol.weak_bound
         if bound is None and status != "optimal" and obj.bound is not None:
             bound, weak = obj.bound(problem), obj.weak_bound
         value = obj.value(problem, hosted, sol.routing)
