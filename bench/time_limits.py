@@ -2,8 +2,9 @@
 16-server latency problem (the promise: at most the limit + 2 s).
 
 Coverage: synthetic Zipf demand at DeepSeek-V2-Lite shape (26 x 64 experts), 500 servers, memory 1.3 x one copy
-of the model. Latency: the bundled ESFT tables with each domain's requests split over 16 origins, one per
-server of a 16-server cluster (mixed memory, 10 Gbit/s, 0.5 ms), replayed for local search.
+of the model. Latency: the bundled ESFT tables with each domain's requests split over 8 or 16 origins, one per
+server (mixed memory, 10 Gbit/s, 0.5 ms), replayed for local search; at 8 servers the latency MILP is stopped
+by the limit.
 Run: python bench/time_limits.py [--time-limit 5]
 """
 
@@ -49,6 +50,7 @@ def main() -> None:
     limit = args.time_limit
     cases = [("coverage, 500 servers", zipf_problem("deepseek-v2-lite", 500), [
                  ("greedy", "coverage"), ("exact", "coverage")]),
+             ("latency, 8 servers", latency_problem(8), [("exact", "latency")]),
              ("latency, 16 servers", latency_problem(), [
                  ("greedy", "latency"), ("exact", "latency"), ("local-search", "simulated_ttft")])]
     print(f"{'problem':22} {'solver':>13} {'objective':>15} {'status':>10} {'gap':>14} {'wall s':>7} "

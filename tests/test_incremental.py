@@ -179,3 +179,22 @@ def test_drift_replay_counts_moves_and_zero_budget_moves_nothing(dsv2, edge4):
     assert rows["free"]["copied_bytes"][0] == rows["from scratch"]["copied_bytes"][0] == 0  # window 0 again
     assert 0 < rows["free"]["copied_bytes"][1] <= rows["from scratch"]["copied_bytes"][1]
     assert len(rows["free"]["ttft_s"]) == 2
+
+
+def test_a_latency_move_cost_moves_less(esft_tables, edge4, dsv2, monkeypatch):
+    """The coverage start of the latency re-solve carries the move cost in coverage units: with a current
+    placement that no longer fits (rolled one server over) and no MILP to fix it (as on clusters too large
+    for one), a cost must cut the bytes copied."""
+    from prism_plan.solvers import latency
+    from prism_plan.solvers.incremental import traffic_move_cost
+
+    monkeypatch.setattr(latency, "milp_fits", lambda problem: False)
+    problem = build_problem(esft_tables, edge4, dsv2)
+    current = np.roll(get_solver("exact").solve(problem).hosted, 1, axis=0)
+    copied = {}
+    for weight in (0.0, 1.0):
+        res = IncrementalSolver(current, move_cost=traffic_move_cost(problem, weight, "latency"),
+                                time_limit=10).solve(problem, "latency")
+        assert (problem.memory(res.hosted) <= problem.budget).all() and res.bound <= res.objective * (1 + 1e-9)
+        copied[weight] = res.extra["copied_bytes"]
+    assert copied[1.0] < 0.5 * copied[0.0]

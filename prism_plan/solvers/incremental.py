@@ -20,21 +20,16 @@ from prism_plan.solvers.coverage import solve_coverage
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.exact import check_backend
 from prism_plan.solvers.latency import solve_latency
-from prism_plan.solvers.objectives import MoveTerms, Objective, get_objective, with_moves
+from prism_plan.solvers.objectives import MoveTerms, Objective, activation_value, get_objective, with_moves
 from prism_plan.solvers.problem import PlacementProblem, Solution
 
 
 def traffic_move_cost(problem: PlacementProblem, weight: float = 1.0, objective: str = "coverage") -> float:
     """Objective units per byte copied such that copying `weight` bytes costs as much as saving one byte of
-    remote traffic over the tables' tokens. A remote activation sends 2 x token_bytes and is worth one
-    activation (coverage) or one mean round trip spread over the tokens (latency, seconds per token)."""
+    remote traffic over the tables' tokens: a remote activation sends 2 x token_bytes and is worth
+    `activation_value` (one activation, or one mean round trip per token)."""
     token_bytes = problem.costs.token_bytes if problem.costs is not None else 1
-    per_activation = 1.0
-    if objective == "latency":
-        s = problem.shape[0]
-        rtt = problem.round_trip[~np.eye(s, dtype=bool)]
-        per_activation = float(rtt.mean()) * problem.per_token if len(rtt) else 0.0
-    return weight * per_activation / (2.0 * token_bytes)
+    return weight * activation_value(problem, objective) / (2.0 * token_bytes)
 
 
 class IncrementalSolver(Solver):

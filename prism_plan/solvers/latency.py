@@ -125,15 +125,17 @@ def solve_latency(problem: PlacementProblem, starts: list[np.ndarray], *, deadli
                   backend: str = "highs", moves: MoveTerms | None = None, warm_start: bool = True) -> Solution:
     """The latency model's best placement and routing (net of the move cost, within the move budget, when
     `moves` are given) with the best bound proven: the cheap `latency_lower_bound` (marked weak when nothing
-    beats it), the Lagrangian bound (up to MAX_ENUMERATED_SERVERS servers) and the MILP's (when it fits). starts: feasible placements to begin from; the coverage optimum joins them.
+    beats it), the Lagrangian bound (when `lagrangian_fits`) and the MILP's (when `milp_fits`). starts:
+    feasible placements to begin from; the coverage optimum (with the move cost in coverage units) joins them.
     The MILP gets what time is left."""
     objective = net_objective("latency", moves)
     ok = lambda h: placement_fits(problem, h) and (moves is None or moves.within_budget(problem, h))  # noqa: E731
     candidates = [h for h in starts if ok(h)]
     if problem.uniform or not candidates:
-        candidates.append(solve_coverage(problem, deadline=deadline, backend=backend, moves=moves).hosted)
+        in_coverage = None if moves is None else moves.in_units_of(problem, "latency", "coverage")
+        candidates.append(solve_coverage(problem, deadline=deadline, backend=backend, moves=in_coverage).hosted)
     bounds = [latency_lower_bound(problem)]
-    if problem.shape[0] <= MAX_ENUMERATED_SERVERS:
+    if lagrangian_fits(problem) and not deadline.expired():
         bound, rounded = lagrangian(problem, min(objective.value(problem, h) for h in candidates), deadline)
         bounds.append(bound)
         candidates += [] if rounded is None or not ok(rounded) else [rounded]
@@ -158,6 +160,15 @@ def solve_latency(problem: PlacementProblem, starts: list[np.ndarray], *, deadli
 # per byte) splits the model into one tiny facility-location problem per expert, solved by enumerating which
 # servers host it (2^servers - 1 subsets). The makespan term is bounded below by perfectly balanced compute.
 MAX_ENUMERATED_SERVERS = 12
+# Its arrays hold one entry per (layer, expert) and server set: past this many (160 MB a float array) the
+# decomposition costs more memory and time than it brings.
+MAX_SUBSET_CELLS = 20_000_000
+
+
+def lagrangian_fits(problem: PlacementProblem) -> bool:
+    """Whether the decomposition's enumeration of server sets is small enough to run."""
+    s_n, l_n, e_n = problem.shape
+    return s_n <= MAX_ENUMERATED_SERVERS and l_n * e_n * (2**s_n - 1) <= MAX_SUBSET_CELLS
 
 
 def _subsets(s_n: int) -> np.ndarray:
@@ -194,7 +205,8 @@ def lagrangian(problem: PlacementProblem, upper: float, deadline: Deadline | Non
         if norm == 0 or upper - value <= 1e-12 * abs(upper):
             break
         mu = np.maximum(0.0, mu + 0.5 * (upper - value) / norm * grad)
-    return best, _round(problem, subsets, service, size, best_mu)
+    rounded = None if deadline is not None and deadline.expired() else _round(problem, subsets, service, size, best_mu)
+    return best, rounded
 
 
 def _round(problem: PlacementProblem, subsets: np.ndarray, service: np.ndarray, size: np.ndarray,

@@ -211,6 +211,16 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
+def activation_value(problem: PlacementProblem, objective: str) -> float:
+    """What serving one more activation at home instead of remotely is worth in `objective`'s units: one
+    activation (coverage), or one mean round trip spread over the tokens (latency, seconds per token)."""
+    if objective != "latency":
+        return 1.0
+    s = problem.shape[0]
+    rtt = problem.round_trip[~np.eye(s, dtype=bool)]
+    return float(rtt.mean()) * problem.per_token if len(rtt) else 0.0
+
+
 @dataclass(frozen=True)
 class MoveTerms:
     """What a re-plan pays for moving: the current placement ([servers, layers, experts] bool), objective
@@ -230,6 +240,12 @@ class MoveTerms:
 
     def within_budget(self, problem: PlacementProblem, hosted: np.ndarray) -> bool:
         return self.budget_bytes is None or self.copied(problem, hosted) <= self.budget_bytes
+
+    def in_units_of(self, problem: PlacementProblem, objective: str, target: str) -> "MoveTerms":
+        """The same terms with the cost, given in `objective`'s units, converted to `target`'s."""
+        value = activation_value(problem, objective)
+        per_byte = self.cost_per_byte * activation_value(problem, target) / value if value else 0.0
+        return replace(self, cost_per_byte=per_byte)
 
 
 def with_moves(objective: Objective, moves: MoveTerms) -> Objective:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -98,3 +99,35 @@ def interrupt_after(seconds: float | None, interrupt):
     finally:
         if timer is not None:
             timer.cancel()
+
+
+def _run_and_send(solve, model: MilpModel, time_limit: float, send) -> None:
+    try:
+        send.send(solve(model, time_limit))
+    except BaseException as e:  # the parent re-raises it: the child has no one to tell
+        send.send(e)
+
+
+def in_child_process(solve, model: MilpModel, time_limit: float) -> MilpSolution:
+    """`solve(model, time_limit)` in a forked process that is killed when it is still running a little past
+    `overrun_deadline(time_limit)`: for solvers whose own limit and interrupt do not hold (HiGHS' first LP
+    runs to its end). A killed solve returns `timeout` without a solution."""
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_run_and_send, args=(solve, model, time_limit, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not recv.poll(overrun_deadline(time_limit) + _GRACE):
+            return MilpSolution(None, "timeout", None)
+        answer = recv.recv()
+    except EOFError:  # the child died without a word (out of memory, say)
+        raise RuntimeError(f"the MILP back end's process ended with code {child.exitcode} and no answer")
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        recv.close()
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
