@@ -20,6 +20,8 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success rename it over `target`, on error delete it."""
     target = Path(target)
+    if target.is_dir():
+        raise PrismError(f"{target} is a folder; name a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

@@ -19,7 +19,8 @@ from prism_plan.placement.model import ModelSpec, resolve_model
 from prism_plan.placement.plan import Plan
 from prism_plan.solvers import IncrementalSolver, build_problem, get_solver
 from prism_plan.solvers.objectives import get_objective, nearest_routing, relative_gap
-from prism_plan.solvers.base import SolveResult
+from prism_plan.solvers.base import SolveResult, check_time_limit
+from prism_plan.solvers.exact import check_backend
 from prism_plan.solvers.incremental import traffic_move_cost
 from prism_plan.solvers.problem import PlacementProblem, placement_fits
 from prism_plan.traces.tables import ActivationTables
@@ -78,19 +79,22 @@ def solve_placement(tables: TablesLike, cluster: ClusterLike, model: ModelSpec |
     limit). backend: the MILP back end of exact (highs, scip, cbc). trace: the Trace behind `tables`, needed by
     objectives judged by replaying it (traffic, simulated_ttft). start: a plan local-search improves.
     """
-    tables, cluster = _tables(tables), _cluster(cluster)
     get_objective(objective)
-    model = None if model is None else resolve_model(model)
-    if isinstance(trace, (str, Path)):
-        trace = Trace.load(trace)
     options = {"time_limit": time_limit, "seed": seed}
     if backend is not None:
         options["backend"] = backend
+    if start is not None:
+        options["start"] = None
+    get_solver(solver, **options)  # checks the solver's options before any input is read
+    tables, cluster = _tables(tables), _cluster(cluster)
+    model = None if model is None else resolve_model(model)
+    if isinstance(trace, (str, Path)):
+        trace = Trace.load(trace)
     problem = build_problem(tables, cluster, model, min_replicas=min_replicas, trace=trace, concurrency=concurrency)
     if start is not None:
         start = _plan(start)
         start.check_cluster(cluster)
-        problem.model.check_same_shape(start.model, "the start plan")
+        problem.model.check_same_shape(start.model, "the start plan", "pass a `start` plan of this model", ("start",))
         options["start"] = start.hosted
     return solve_problem(problem, solver, objective=objective, **options)
 
@@ -107,6 +111,8 @@ def migrate_placement(plan: PlanLike, tables: TablesLike, cluster: ClusterLike, 
     placement (no moves) unless the new one improves the objective by this fraction. min_replicas: default the
     plan's. Raises a PrismError when the budget cannot reach a placement that fits, or the moves cannot be ordered.
     """
+    check_time_limit(time_limit)
+    check_backend(backend)
     plan, tables, cluster = _plan(plan), _tables(tables), _cluster(cluster)
     if objective not in IncrementalSolver.objectives:
         raise PrismError(f"migrate re-plans for coverage or latency, not {objective!r}: pass `objective` as one of "

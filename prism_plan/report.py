@@ -206,6 +206,10 @@ def build_report(plan: Plan, *, tables: ActivationTables | None = None, cluster:
     if trace is not None and (tables is None or cluster is None):
         raise PrismError("a trace compares the plan with baselines: pass `tables` and `cluster` too",
                          parameters=("tables", "cluster"))
+    if layer is not None and tables is None:
+        raise PrismError("`layer` picks the co-activation figure, which needs `tables`", parameters=("layer", "tables"))
+    if tables is not None:
+        plan.model.check_same_shape(tables, "the tables", "pass `tables` of the plan's model", ("tables",))
     rep = Report(f"prism-plan report: {plan.model.name} on {', '.join(plan.servers)}")
     rep.tables.append(("Plan", pd.DataFrame({
         "value": [plan.objective, plan.solver.get("name"), plan.solver.get("status"), plan.solver.get("gap"),

@@ -47,3 +47,26 @@ def test_the_pipeline_is_exported():
     for name in ("solve_placement", "migrate_placement", "simulate", "export_plan", "load_trace", "load_tables",
                  "load_plan", "load_moves", "write_report", "solve_problem", "make_plan"):
         assert callable(getattr(prism_plan, name)), name
+
+
+def test_options_are_checked_before_the_inputs_are_read(tmp_path):
+    missing = tmp_path / "no-tables.npz"  # a read would fail with MissingInputError first
+    with pytest.raises(PrismError, match="`seed` must be an integer"):
+        solve_placement(missing, "edge-4", seed="x")
+    with pytest.raises(PrismError, match="does not take `start`"):
+        solve_placement(missing, "edge-4", solver="exact", start=tmp_path / "p.json")
+    with pytest.raises(PrismError, match="unknown MILP back end"):
+        prism_plan.migrate_placement(tmp_path / "p.json", missing, "edge-4", backend="glpk")
+
+
+def test_a_folder_is_never_an_output(tmp_path, esft_tables):
+    with pytest.raises(PrismError, match="is a folder"):
+        esft_tables.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_checks_its_inputs(tmp_path, esft_tables, edge4):
+    plan = solve_placement(esft_tables, edge4, solver="greedy")
+    with pytest.raises(PrismError, match="`layer` picks the co-activation figure"):
+        prism_plan.write_report(plan, tmp_path / "r.html", layer=3)
+    assert not (tmp_path / "r.html").exists()

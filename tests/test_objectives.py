@@ -66,7 +66,7 @@ def test_objectives_agree_with_the_simulator(replay_problem, halves, edge4, dsv2
     res = get_solver("eplb").solve(replay_problem, "traffic")
     plan = make_plan(replay_problem, res)
     sim = simulate(plan, profile, edge4)
-    assert simulated_ttft_value(replay_problem, res.hosted) == pytest.approx(sim.mean_latency, rel=1e-12)
+    assert simulated_ttft_value(replay_problem, res.hosted) == pytest.approx(sim.simulated_ttft, rel=1e-12)
     assert traffic_value(replay_problem, res.hosted) == pytest.approx(sim.summary()["remote_bytes_per_token"],
                                                                       rel=1e-12)
     assert res.objective == pytest.approx(sim.summary()["remote_bytes_per_token"], rel=1e-12)
@@ -105,7 +105,7 @@ def test_latency_plan_beats_the_baselines_on_unseen_requests(halves, replay_prob
     mean = {}
     for name, objective in [("linear", "coverage"), ("eplb", "coverage"), ("exact", "latency")]:
         res = get_solver(name, time_limit=60).solve(replay_problem, objective)
-        mean[name] = simulate(make_plan(replay_problem, res), evaluation, edge4).mean_latency
+        mean[name] = simulate(make_plan(replay_problem, res), evaluation, edge4).simulated_ttft
     assert mean["exact"] < 0.8 * mean["eplb"] < 0.8 * mean["linear"]
 
 

@@ -113,7 +113,7 @@ def test_decode_steps_give_time_per_output_token():
     one = 2 * 2 * 1e9 / 1e12  # one token, two experts, two layers
     assert res.ttft[0] == pytest.approx(2 * one)
     assert res.tpot[0] == pytest.approx(one)
-    assert res.mean_latency == pytest.approx(2 * one + 3 * one)
+    assert res.simulated_ttft == pytest.approx(2 * one + 3 * one)
 
 
 @settings(max_examples=60, deadline=None)

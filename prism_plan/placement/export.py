@@ -46,7 +46,7 @@ class PhysicalLayout:
 def origin_activations(plan: Plan, tables) -> np.ndarray:
     """[plan origins, layers, experts] activations of `tables` (ActivationTables of the same model) aligned to the
     plan's origins; origins the tables lack count zero."""
-    plan.model.check_same_shape(tables, "the tables")
+    plan.model.check_same_shape(tables, "the tables", "pass `tables` of the plan's model", ("tables",))
     index = {o: i for i, o in enumerate(tables.origins)}
     return np.stack([tables.freq[index[o]] if o in index else np.zeros(tables.freq.shape[1:])
                      for o in plan.origins])

@@ -105,13 +105,15 @@ class ModelSpec:
             raise PrismError(f"model description has unknown keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
-    def check_same_shape(self, other: "ModelSpec", what: str) -> None:
-        """Raise when `other` (read from `what`) describes a different MoE shape than this model."""
+    def check_same_shape(self, other: "ModelSpec", what: str, fix: str = "pass the matching `model`",
+                         parameters: tuple[str, ...] = ("model",)) -> None:
+        """Raise when `other` (read from `what`) describes a different MoE shape than this model; `fix` says
+        what to do (naming `parameters`)."""
         for attr in ("layers", "num_experts", "top_k"):
             mine, theirs = getattr(self, attr), getattr(other, attr)
             if mine != theirs:
                 raise PrismError(f"{what} is for a different model: {attr} {_short(theirs)} there, "
-                                 f"{_short(mine)} in {self.name!r}; pass the matching `model`", parameters=("model",))
+                                 f"{_short(mine)} in {self.name!r}; {fix}", parameters=parameters)
 
 
 def _short(v: Any) -> str:

@@ -221,8 +221,9 @@ class SimulationResult:
     seconds: float
 
     @property
-    def mean_latency(self) -> float:
-        """Mean over requests of MoE time (prefill plus every decode step), seconds: what solvers minimise."""
+    def simulated_ttft(self) -> float:
+        """seconds: the `simulated_ttft` objective, the mean over requests of MoE time: the time to first token
+        (`ttft_mean_s`), plus every decode step when the trace has them."""
         return float(self.layer_seconds.sum())
 
     def summary(self) -> dict:
@@ -235,7 +236,7 @@ class SimulationResult:
             "ttft_p50_s": float(np.percentile(self.ttft, 50)) if len(self.ttft) else 0.0,
             "ttft_p99_s": float(np.percentile(self.ttft, 99)) if len(self.ttft) else 0.0,
             "tpot_mean_s": float(tp.mean()) if len(tp) else None,
-            "mean_latency_s": self.mean_latency,
+            "simulated_ttft_s": self.simulated_ttft,
             "remote_bytes": float(self.link_bytes.sum()),
             "remote_bytes_per_token": float(self.link_bytes.sum()) / max(self.tokens, 1),
             "local_coverage": self.local_activations / total_acts if total_acts else 1.0,
@@ -301,7 +302,7 @@ def simulate(plan: Plan | str | Path, trace: Trace | str | Path, cluster: Cluste
         raise PrismError(f"`concurrency` must be a positive integer, got {concurrency!r}",
                          parameters=("concurrency",))
     plan.check_cluster(cluster)
-    plan.model.check_same_shape(trace.meta, "the trace")
+    plan.model.check_same_shape(trace.meta, "the trace", "replay a `trace` of the plan's model", ("trace",))
     w = prepare_workload(trace, plan.origins, cluster.homes(list(plan.origins)), concurrency)
     costs = CostModel.of(cluster, plan.model)
     step_time, layer_seconds, link, acts, busy, local = replay(w, plan.routing, costs, quiet)

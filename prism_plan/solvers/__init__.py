@@ -32,8 +32,7 @@ def get_solver(name: str, **options) -> Solver:
     takes = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(options) - takes)
     if unknown:
-        raise PrismError(f"`solver` {name!r} does not take {', '.join(f'`{u}`' for u in unknown)} (it takes "
-                         f"{', '.join(sorted(takes))})",
+        raise PrismError(f"`solver` {name!r} does not take {', '.join(f'`{u}`' for u in unknown)}",
                          parameters=("solver", *unknown))
     return cls(**options)
 

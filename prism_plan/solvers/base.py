@@ -76,6 +76,8 @@ class Solver(ABC):
 
     def __init__(self, *, time_limit: float | None = None, seed: int = 0) -> None:
         self.time_limit = check_time_limit(time_limit)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise PrismError(f"`seed` must be an integer, got {seed!r}", parameters=("seed",))
         self.seed = int(seed)
 
     @abstractmethod
@@ -92,7 +94,7 @@ class Solver(ABC):
         obj = self.objective(objective)
         if self.only_own_objectives and objective not in self.objectives:
             raise PrismError(f"solver {self.name!r} optimises {' or '.join(self.objectives)}, not {objective!r}: "
-                             f"pass `objective`={self.objectives[0]!r} or another `solver`",
+                             f"pass `objective` {self.objectives[0]!r} or another `solver`",
                              parameters=("objective", "solver"))
         check_feasible(problem)
         deadline = Deadline(self.time_limit)

@@ -47,10 +47,12 @@ class IncrementalSolver(Solver):
     def __init__(self, current: np.ndarray, *, move_cost: float = 0.0, budget_bytes: int | None = None,
                  time_limit: float | None = None, seed: int = 0, backend: str = "highs") -> None:
         super().__init__(time_limit=time_limit, seed=seed)
-        if not np.isfinite(move_cost) or move_cost < 0:
+        if isinstance(move_cost, bool) or not isinstance(move_cost, (int, float)) or not np.isfinite(move_cost) \
+                or move_cost < 0:
             raise PrismError(f"`move_cost` must be a non-negative number, got {move_cost!r}",
                              parameters=("move_cost",))
-        if budget_bytes is not None and not budget_bytes >= 0:
+        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float))
+                                         or not budget_bytes >= 0):
             raise PrismError(f"`budget_bytes` must be non-negative or None, got {budget_bytes!r}",
                              parameters=("budget_bytes",))
         self.moves = MoveTerms(np.asarray(current, bool), float(move_cost),

@@ -136,7 +136,8 @@ def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSp
     np.add.at(weight, homes, tables.freq)
     workload = None
     if trace is not None:
-        model.check_same_shape(trace.meta, "the trace")
+        model.check_same_shape(trace.meta, "the trace", "pass the `trace` the tables were built from",
+                               ("trace",))
         origins = tuple(trace.origins)
         workload = prepare_workload(trace, origins, cluster.homes(list(origins)), concurrency)
     problem = PlacementProblem(weight, model.layer_bytes, cluster.budgets, cluster.hop_seconds(model.token_bytes),
@@ -159,7 +160,7 @@ def check_feasible(problem: PlacementProblem) -> None:
     s, l, e = problem.shape
     r = problem.min_replicas
     if r > s:
-        raise InfeasibleError(f"min_replicas={r} needs at least {r} servers, the cluster has {s}; lower "
+        raise InfeasibleError(f"`min_replicas` {r} needs at least {r} servers, the cluster has {s}; lower "
                               f"`min_replicas` or add servers", parameters=("min_replicas",))
     need = r * e * int(problem.layer_bytes.sum())
     if problem.uniform:

@@ -7,4 +7,3 @@ from prism_plan.fileio import DATA_DIR
 BUNDLED_TRACE = DATA_DIR / "esft-deepseek-v2-lite.parquet"
 BUNDLED_CLUSTER = DATA_DIR / "edge-4.toml"
 BUNDLED_MODEL = "deepseek-v2-lite"
-TINY_EXAMPLE = DATA_DIR / "tiny"
