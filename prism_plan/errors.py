@@ -28,3 +28,7 @@ class MissingInputError(PrismError, FileNotFoundError):
 
 class InfeasibleError(PrismError):
     """The cluster cannot hold the placement that was asked for (memory, replicas, a move budget)."""
+
+
+class TimeLimitError(PrismError):
+    """The time limit ran out before any placement was found."""

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 from ortools.graph.python import min_cost_flow
 
-from prism_plan.errors import InfeasibleError, PrismError
+from prism_plan.errors import InfeasibleError, PrismError, TimeLimitError
 from prism_plan.solvers.backends import BACKENDS, MilpModel
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.objectives import MoveTerms, net_objective, proven_status
@@ -224,8 +224,8 @@ def _coverage_milp(problem: PlacementProblem, moves: MoveTerms | None, start: np
     bound = min(bounds) if bounds else None
     if sol.x is None:
         if start is None:
-            raise PrismError(f"the coverage MILP found no placement within {deadline.time_limit} s; raise "
-                             f"`time_limit`", parameters=("time_limit",))
+            raise TimeLimitError(f"the coverage MILP found no placement in the {deadline.time_limit:.3g} s it had; "
+                                 f"raise `time_limit`", parameters=("time_limit",))
         return Solution(start, "timeout", bound)
     hosted = sol.x.reshape(problem.shape) > 0.5
     net = net_objective("coverage", moves).value

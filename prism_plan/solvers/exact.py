@@ -8,7 +8,9 @@ bound and gap the model proves.
 
 from __future__ import annotations
 
-from prism_plan.errors import PrismError
+import numpy as np
+
+from prism_plan.errors import PrismError, TimeLimitError
 from prism_plan.solvers.backends import BACKENDS
 from prism_plan.solvers.base import Solver
 from prism_plan.solvers.coverage import solve_coverage
@@ -43,11 +45,17 @@ class ExactSolver(Solver):
 
     def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:
         if objective.name == "latency":
-            # Greedy may spend a tenth of the time; the MILP gets the rest.
-            starts = [greedy_placement(problem, deadline.split(0.1))]
-            return solve_latency(problem, starts, deadline=deadline, backend=self.backend,
+            return solve_latency(problem, greedy_start(problem, deadline), deadline=deadline, backend=self.backend,
                                  warm_start=self.warm_start)
-        start = None
-        if not problem.uniform and self.warm_start:
-            start = greedy_placement(problem, deadline.split(0.1))
-        return solve_coverage(problem, deadline=deadline, backend=self.backend, start=start)
+        # The coverage MILP alone often finds nothing quickly: its start may have half the time.
+        starts = greedy_start(problem, deadline, 0.5) if not problem.uniform and self.warm_start else []
+        return solve_coverage(problem, deadline=deadline, backend=self.backend, start=(starts or [None])[0])
+
+
+def greedy_start(problem: PlacementProblem, deadline: Deadline, share: float = 0.1) -> list[np.ndarray]:
+    """[greedy's placement] as a start for the models, within `share` of the time left (the models get the
+    rest); [] when its repair cannot finish in that share."""
+    try:
+        return [greedy_placement(problem, deadline.split(share))]
+    except TimeLimitError:
+        return []
