@@ -83,3 +83,9 @@ def bundled_or_given(path: str | os.PathLike, suffix: str) -> Path:
         return path
     bundled = DATA_DIR / (path.name if path.suffix == suffix else path.name + suffix)
     return bundled if bundled.is_file() else path
+
+
+def loaded(value, cls):
+    """`value` itself when it is a `cls` (or None), else `cls.load(value)`: what a function does with an argument
+    that may be an object or the path of its file."""
+    return value if value is None or isinstance(value, cls) else cls.load(value)

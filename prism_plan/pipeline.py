@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.placement.cluster import ClusterSpec, load_cluster
+from prism_plan.fileio import loaded
+from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.metrics import coverage_metrics
 from prism_plan.placement.migration import MigrationPlan, plan_migration
 from prism_plan.placement.model import ModelSpec, resolve_model
@@ -29,18 +30,6 @@ from prism_plan.traces.trace import Trace
 TablesLike = ActivationTables | str | Path
 ClusterLike = ClusterSpec | str | Path
 PlanLike = Plan | str | Path
-
-
-def _tables(tables: TablesLike) -> ActivationTables:
-    return tables if isinstance(tables, ActivationTables) else ActivationTables.load(tables)
-
-
-def _cluster(cluster: ClusterLike) -> ClusterSpec:
-    return cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
-
-
-def _plan(plan: PlanLike) -> Plan:
-    return plan if isinstance(plan, Plan) else Plan.load(plan)
 
 
 def make_plan(problem: PlacementProblem, result: SolveResult) -> Plan:
@@ -86,13 +75,12 @@ def solve_placement(tables: TablesLike, cluster: ClusterLike, model: ModelSpec |
     if start is not None:
         options["start"] = None
     get_solver(solver, **options)  # checks the solver's options before any input is read
-    tables, cluster = _tables(tables), _cluster(cluster)
+    tables, cluster = loaded(tables, ActivationTables), loaded(cluster, ClusterSpec)
     model = None if model is None else resolve_model(model)
-    if isinstance(trace, (str, Path)):
-        trace = Trace.load(trace)
+    trace = loaded(trace, Trace)
     problem = build_problem(tables, cluster, model, min_replicas=min_replicas, trace=trace, concurrency=concurrency)
     if start is not None:
-        start = _plan(start)
+        start = loaded(start, Plan)
         start.check_cluster(cluster)
         problem.model.check_same_shape(start.model, "the start plan", "pass a `start` plan of this model", ("start",))
         options["start"] = start.hosted
@@ -113,7 +101,7 @@ def migrate_placement(plan: PlanLike, tables: TablesLike, cluster: ClusterLike, 
     """
     check_time_limit(time_limit)
     check_backend(backend)
-    plan, tables, cluster = _plan(plan), _tables(tables), _cluster(cluster)
+    plan, tables, cluster = loaded(plan, Plan), loaded(tables, ActivationTables), loaded(cluster, ClusterSpec)
     if objective not in IncrementalSolver.objectives:
         raise PrismError(f"migrate re-plans for coverage or latency, not {objective!r}: pass `objective` as one of "
                          f"them", parameters=("objective",))

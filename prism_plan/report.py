@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from prism_plan.errors import PrismError
-from prism_plan.fileio import atomic_path, write_text_atomic
-from prism_plan.placement.cluster import GIB, ClusterSpec, load_cluster
+from prism_plan.fileio import atomic_path, loaded, write_text_atomic
+from prism_plan.placement.cluster import GIB, ClusterSpec
 from prism_plan.pipeline import solve_problem
 from prism_plan.placement.plan import Plan
 from prism_plan.placement.simulator import simulate
@@ -250,13 +250,7 @@ def write_report(plan: Plan | str | Path, output: str | Path, *, tables: Activat
                  layer: int | None = None, png_dir: str | Path | None = None) -> Report:
     """Build the report from the inputs (objects or their files, see `build_report`) and write the HTML to
     `output` (and every figure as PNG into `png_dir`); returns the Report."""
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    if tables is not None and not isinstance(tables, ActivationTables):
-        tables = ActivationTables.load(tables)
-    if cluster is not None and not isinstance(cluster, ClusterSpec):
-        cluster = load_cluster(cluster)
-    if trace is not None and not isinstance(trace, Trace):
-        trace = Trace.load(trace)
-    rep = build_report(plan, tables=tables, cluster=cluster, trace=trace, layer=layer)
+    rep = build_report(loaded(plan, Plan), tables=loaded(tables, ActivationTables),
+                       cluster=loaded(cluster, ClusterSpec), trace=loaded(trace, Trace), layer=layer)
     rep.save(output, png_dir)
     return rep

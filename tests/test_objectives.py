@@ -62,7 +62,6 @@ def replay_problem(halves, edge4, dsv2):
 
 def test_objectives_agree_with_the_simulator(replay_problem, halves, edge4, dsv2):
     profile, _ = halves
-    tables = build_tables([profile])
     res = get_solver("eplb").solve(replay_problem, "traffic")
     plan = make_plan(replay_problem, res)
     sim = simulate(plan, profile, edge4)
@@ -101,7 +100,6 @@ def test_local_search_never_worsens_its_start(replay_problem, objective):
 
 def test_latency_plan_beats_the_baselines_on_unseen_requests(halves, replay_problem, edge4, dsv2):
     profile, evaluation = halves
-    tables = build_tables([profile])
     mean = {}
     for name, objective in [("linear", "coverage"), ("eplb", "coverage"), ("exact", "latency")]:
         res = get_solver(name, time_limit=60).solve(replay_problem, objective)

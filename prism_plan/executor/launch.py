@@ -10,7 +10,8 @@ from prism_plan.errors import PrismError
 from prism_plan.executor import require_torch
 from prism_plan.executor.store import ExpertStore, expert_list, index_checkpoint, synthetic_layout
 from prism_plan.executor.transfer import apply_moves, placement_before, resume_stage
-from prism_plan.placement.cluster import ClusterSpec, load_cluster
+from prism_plan.fileio import loaded
+from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.migration import MigrationPlan, verify_migration
 from prism_plan.placement.plan import Plan
 
@@ -83,10 +84,7 @@ def apply_plan(plan: Plan | str | Path, cluster, *, moves: MigrationPlan | str |
                timeout_s: float = 300.0) -> dict:
     """`prism-plan apply` on this rank, under torchrun: join the process group, load this rank's experts, run
     the moves, leave the group; returns this rank's summary (rank, server, experts, sha256)."""
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    cluster = cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
-    if moves is not None and not isinstance(moves, MigrationPlan):
-        moves = MigrationPlan.load(moves)
+    plan, cluster, moves = loaded(plan, Plan), loaded(cluster, ClusterSpec), loaded(moves, MigrationPlan)
     rank, world, device = init_distributed(timeout_s)
     import torch.distributed as dist
 

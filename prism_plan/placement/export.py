@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.fileio import atomic_path, write_text_atomic
+from prism_plan.fileio import atomic_path, loaded, write_text_atomic
 from prism_plan.placement.plan import Plan
 from prism_plan.traces.tables import ActivationTables
 
@@ -216,9 +216,7 @@ def export_plan(plan: Plan | str | Path, fmt: str, out: str | Path, *, tables=No
     padding slots and their extra bytes per server."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}", parameters=("fmt",))
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    if tables is not None and not isinstance(tables, ActivationTables):
-        tables = ActivationTables.load(tables)
+    plan, tables = loaded(plan, Plan), loaded(tables, ActivationTables)
     layout = physical_layout(plan, None if tables is None else origin_activations(plan, tables))
     if fmt == "eplb":
         arrays = to_eplb(plan, layout)

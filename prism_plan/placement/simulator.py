@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.fileio import write_text_atomic
-from prism_plan.placement.cluster import ClusterSpec, load_cluster
+from prism_plan.fileio import loaded, write_text_atomic
+from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.model import ModelSpec
 from prism_plan.placement.plan import Plan
 from prism_plan.progress import track
@@ -295,9 +295,7 @@ def simulate(plan: Plan | str | Path, trace: Trace | str | Path, cluster: Cluste
     """Replay `trace` through `plan` on `cluster` (each an object or its file), `concurrency` requests per
     origin batched in one step."""
     start = time.perf_counter()
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    trace = trace if isinstance(trace, Trace) else Trace.load(trace)
-    cluster = cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
+    plan, trace, cluster = loaded(plan, Plan), loaded(trace, Trace), loaded(cluster, ClusterSpec)
     if not isinstance(concurrency, int) or concurrency < 1:
         raise PrismError(f"`concurrency` must be a positive integer, got {concurrency!r}",
                          parameters=("concurrency",))
