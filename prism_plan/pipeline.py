@@ -127,7 +127,8 @@ def migrate_placement(plan: PlanLike, tables: TablesLike, cluster: ClusterLike, 
     result.extra.update({"migrated": bool(migrate), "predicted_gain": gain, "min_gain": min_gain,
                          "move_cost": move_cost})
     new = make_plan(problem, result)
-    new.inputs["from_plan_sha256"] = plan.sha256()
+    old_sha256 = plan.sha256()
+    new.inputs["from_plan_sha256"] = old_sha256
     moves = plan_migration(current, new.hosted, cluster, plan.model, r)
-    moves.from_sha256, moves.to_sha256 = plan.sha256(), new.sha256()
+    moves.from_sha256, moves.to_sha256 = old_sha256, new.sha256()
     return new, moves

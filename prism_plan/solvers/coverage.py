@@ -85,10 +85,9 @@ def solve_flow(weight: np.ndarray, slots: np.ndarray, min_replicas: int,
     return x, slack
 
 
-def coverage_milp(problem: PlacementProblem, weight: np.ndarray | None = None,
-                  hint: np.ndarray | None = None) -> MilpModel:
-    """The coverage MILP over x: [servers, layers, experts] flattened C-order, maximising weight @ x
-    (default the problem's weight).
+def coverage_milp(problem: PlacementProblem, hint: np.ndarray | None = None) -> MilpModel:
+    """The coverage MILP over x: [servers, layers, experts] flattened C-order, maximising weight @ x (a move
+    cost and budget join it through `move_model`).
 
     Rows: per server, sum bytes * x <= budget; per (layer, expert), sum over servers x >= min_replicas.
     """
@@ -98,9 +97,8 @@ def coverage_milp(problem: PlacementProblem, weight: np.ndarray | None = None,
     memory = sp.csr_matrix((problem.cell_bytes.ravel().astype(float), (np.repeat(np.arange(s), l * e), var.ravel())),
                            shape=(s, n))
     replicas = sp.csr_matrix((np.ones(n), (np.tile(np.arange(l * e), s), var.ravel())), shape=(l * e, n))
-    weight = problem.weight if weight is None else weight
     return MilpModel(
-        c=weight.ravel().astype(float),
+        c=problem.weight.ravel().astype(float),
         A=sp.vstack([memory, replicas], format="csr"),
         row_lb=np.concatenate([np.full(s, -np.inf), np.full(l * e, float(problem.min_replicas))]),
         row_ub=np.concatenate([problem.budget.astype(float), np.full(l * e, np.inf)]),
@@ -213,7 +211,7 @@ def _coverage_milp(problem: PlacementProblem, moves: MoveTerms | None, start: np
                              f"{MAX_MILP_VARIABLES}; drop `budget_bytes` and use a move cost",
                              parameters=("budget_bytes",))
         return Solution(start, "feasible", bound)
-    model = move_model(coverage_milp(problem, hint=start), problem, moves)
+    model = move_model(coverage_milp(problem, start), problem, moves)
     sol = BACKENDS[backend]().solve(model, deadline.remaining())
     if sol.status == "infeasible":
         if moves is not None and moves.budget_bytes is not None:
@@ -224,8 +222,9 @@ def _coverage_milp(problem: PlacementProblem, moves: MoveTerms | None, start: np
     bound = min(bounds) if bounds else None
     if sol.x is None:
         if start is None:
-            raise TimeLimitError(f"the coverage MILP found no placement in the {deadline.time_limit:.3g} s it had; "
-                                 f"raise `time_limit`", parameters=("time_limit",))
+            within = "" if deadline.time_limit is None else f" in the {deadline.time_limit:.3g} s it had"
+            raise TimeLimitError(f"the coverage MILP found no placement{within}; raise `time_limit`",
+                                 parameters=("time_limit",))
         return Solution(start, "timeout", bound)
     hosted = sol.x.reshape(problem.shape) > 0.5
     net = net_objective("coverage", moves).value

@@ -66,7 +66,8 @@ class IncrementalSolver(Solver):
         current = self.moves.current
         if current.shape != problem.shape:
             raise PrismError(f"current placement has shape {list(current.shape)}, the problem "
-                             f"{list(problem.shape)}: pass the `current` placement of this cluster", parameters=("current",))
+                             f"{list(problem.shape)}: pass the `current` placement of this cluster",
+                             parameters=("current",))
         if objective.name == "coverage":
             sol = solve_coverage(problem, deadline=deadline, backend=self.backend, moves=self.moves)
         else:
