@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from prism_plan import __version__
-from prism_plan.cli_options import (CLUSTER, CONCURRENCY, FILE, Group, NO_WEIGHTS, outputs, PLAN, POSITIVE_SECONDS,
-                                    say)
-from prism_plan.errors import PrismError
+from prism_plan.cli_options import (CLUSTER, CLUSTER_FILE, CONCURRENCY, FILE, Finite, Group, MODEL, NO_WEIGHTS, OUT,
+                                    Output, outputs, PLAN, POSITIVE_SECONDS, say)
+from prism_plan.errors import Interrupted, PrismError
 from prism_plan.executor.launch import apply_plan
 from prism_plan.messages import (describe_drift, describe_export, describe_migration, describe_plan, describe_rank,
                                  describe_simulation, describe_tables, describe_trace, migration_summary)
@@ -42,7 +44,7 @@ def profile() -> None:
 
 
 @profile.command("run")
-@click.argument("model_name", metavar="MODEL")
+@click.argument("model_name", metavar="MODEL", type=MODEL)
 @click.option("--prompts", type=FILE, required=True, help="JSONL: per line an origin and `text` or `input_ids`.")
 @outputs("Trace to write (.parquet).")
 @click.option("--origin-field", default="origin", show_default=True, help="JSONL key naming each prompt's origin.")
@@ -62,7 +64,7 @@ def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_n
 @profile.command("import")
 @click.argument("src", type=FILE)
 @click.option("--format", "fmt", type=click.Choice(list(IMPORTERS)), required=True, help="Source format.")
-@click.option("--model", help="Preset, config.json or model folder [default for esft: deepseek-v2-lite].")
+@click.option("--model", type=MODEL, help="Preset, config.json or model folder [default for esft: deepseek-v2-lite].")
 @outputs("Trace to write (.parquet); for SGLang stat dumps (counts only), tables (.npz).")
 @click.option("--origin", help="Origin of every token [default: the file's name, or rank for megatron].")
 @NO_WEIGHTS
@@ -74,7 +76,8 @@ def profile_import(src, fmt, model, output, quiet, as_json, origin, no_weights) 
 
 @profile.command("tables")
 @click.argument("trace", type=FILE)
-@outputs("Tables to write (.npz); with --window, a folder for window-0000.npz, window-0001.npz, ...")
+@outputs("Tables to write (.npz); with --window, a folder for window-0000.npz, window-0001.npz, ... and "
+         "manifest.json (replaced whole).", kind=None)
 @click.option("--window", type=click.IntRange(min=1), help="Cut the trace, in row order, into windows of this many "
               "tokens (or requests, see --window-unit) and write tables per window [default: one table].")
 @click.option("--window-unit", type=click.Choice(UNITS), default="tokens", show_default=True, help="What --window counts.")
@@ -93,7 +96,7 @@ def profile_tables(trace, output, quiet, as_json, window, window_unit, no_pairs)
 @click.option("--window-tokens", type=click.IntRange(min=1), default=2000, show_default=True, help="Tokens per stream.")
 @click.option("--shift", type=int, default=1, show_default=True,
               help="Stream i drifts from origin i to origin i + shift over the windows.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the request draws.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the request draws.")
 def profile_drift(trace, output, quiet, as_json, windows, window_tokens, shift, seed) -> None:
     """Build a drifting workload from a trace's origins (e.g. the ESFT domains): each stream's mix of domains
     rotates to the next domain over the windows."""
@@ -106,7 +109,7 @@ def profile_drift(trace, output, quiet, as_json, windows, window_tokens, shift, 
 @cli.command()
 @click.option("--tables", type=FILE, required=True, help="Activation tables (.npz).")
 @CLUSTER
-@click.option("--model", help="Preset, config.json or model folder [default: the tables' model].")
+@click.option("--model", type=MODEL, help="Preset, config.json or model folder [default: the tables' model].")
 @click.option("--objective", type=click.Choice(list(OBJECTIVES)), default="coverage", show_default=True,
               help="coverage: local activations; latency: the latency model (seconds per token); traffic and "
               "simulated_ttft: replayed through --trace.")
@@ -119,7 +122,7 @@ def profile_drift(trace, output, quiet, as_json, windows, window_tokens, shift, 
 @click.option("--start", type=FILE, help="Plan (.json) local-search starts from [default: the best model answer].")
 @click.option("--time-limit", type=POSITIVE_SECONDS, help="Seconds for the whole solve [default: no limit].")
 @click.option("--min-replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Copies per expert.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of randomised solvers.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of randomised solvers.")
 @outputs("Plan to write (.json).")
 def solve(tables, cluster, model, objective, solver, backend, trace, concurrency, start, time_limit, min_replicas,
           seed, output, quiet, as_json) -> None:
@@ -138,17 +141,17 @@ def solve(tables, cluster, model, objective, solver, backend, trace, concurrency
 @CLUSTER
 @click.option("--objective", type=click.Choice(["coverage", "latency"]), default="coverage", show_default=True,
               help="coverage: local activations (exact flow); latency: the latency model's MILP.")
-@click.option("--budget-gib", type=click.FloatRange(min=0), help="Most GiB of experts to copy [default: no limit].")
-@click.option("--move-cost", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--budget-gib", type=Finite(min=0), help="Most GiB of experts to copy [default: no limit].")
+@click.option("--move-cost", type=Finite(min=0), default=0.0, show_default=True,
               help="Weight of a byte copied against a byte of remote traffic saved over the new tables' tokens "
                    "(0: any gain pays; among equal placements the fewest moves).")
-@click.option("--min-gain", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--min-gain", type=Finite(min=0), default=0.0, show_default=True,
               help="Keep the current placement unless the new one improves the objective by this fraction.")
 @click.option("--min-replicas", type=click.IntRange(min=1), help="Copies every expert keeps [default: the plan's].")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default="highs", show_default=True, help="MILP back end.")
 @click.option("--time-limit", type=POSITIVE_SECONDS, help="Seconds for the whole re-solve [default: no limit].")
 @outputs("New plan to write (.json).")
-@click.option("--moves", type=FILE, required=True, help="Moves to write (.json): stages of copies and evictions.")
+@click.option("--moves", type=OUT, required=True, help="Moves to write (.json): stages of copies and evictions.")
 def migrate(plan, tables, cluster, objective, budget_gib, move_cost, min_gain, min_replicas, backend, time_limit,
             output, quiet, as_json, moves) -> None:
     """Re-plan for new traffic from the current plan, moving only what pays, and write the ordered moves."""
@@ -199,9 +202,9 @@ def export(plan, fmt, tables, output, quiet, as_json) -> None:
               "stage by stage [default: load the plan as it is].")
 @click.option("--checkpoint", type=FILE, help="Hugging Face safetensors folder to read this rank's experts from "
               "[default: deterministic random weights of the model's shape].")
-@click.option("--journal", type=FILE, default=Path("prism-journal"), show_default=True,
+@click.option("--journal", type=click.Path(path_type=Path), default=Path("prism-journal"), show_default=True,
               help="Folder for the per-rank journals that let an interrupted run resume.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+@click.option("--timeout", type=Finite(min=1), default=300.0, show_default=True,
               help="Seconds before a stuck transfer fails.")
 @click.option("--json", "as_json", is_flag=True, help="Each rank prints one JSON line with the experts it holds.")
 def apply(plan, cluster, moves, checkpoint, journal, timeout, as_json) -> None:
@@ -214,13 +217,13 @@ def apply(plan, cluster, moves, checkpoint, journal, timeout, as_json) -> None:
 @cli.command()
 @PLAN
 @click.option("--tables", type=FILE, help="Tables (.npz): activation and co-activation figures.")
-@click.option("--cluster", help="Cluster TOML or bundled name: budgets, and with --trace the simulated comparison.")
+@click.option("--cluster", type=CLUSTER_FILE, help="Cluster TOML or bundled name: budgets, and with --trace the simulated comparison.")
 @click.option("--trace", type=FILE, help="Trace (.parquet) to replay through the plan and the linear and EPLB "
               "baselines (needs --tables and --cluster).")
 @click.option("--layer", type=int, help="MoE layer number (the model's) for the co-activation figure [default: the "
               "most concentrated one].")
 @outputs("HTML file to write.")
-@click.option("--png", type=FILE, help="Also write every figure as PNG into this folder.")
+@click.option("--png", type=Output("folder"), help="Also write every figure as PNG into this folder.")
 def report(plan, tables, cluster, trace, layer, output, quiet, as_json, png) -> None:
     """Write one self-contained HTML report with plots of the plan and its traffic."""
     with spinner("drawing the report", quiet):
@@ -231,7 +234,8 @@ def report(plan, tables, cluster, trace, layer, output, quiet, as_json, png) -> 
 
 
 @cli.command()
-@outputs("Folder for the tables and the fastest plan.", required=False, default=Path("prism-quickstart"))
+@outputs("Folder for the tables and the fastest plan.", required=False, default=Path("prism-quickstart"),
+         kind="folder")
 @click.option("--time-limit", type=POSITIVE_SECONDS, help="Seconds per solve [default: 10].")
 def quickstart(output, quiet, as_json, time_limit) -> None:
     """Run the whole path on the bundled real ESFT traces and a 4-server edge cluster: plan from half of each
@@ -240,21 +244,42 @@ def quickstart(output, quiet, as_json, time_limit) -> None:
     say(as_json, rows, [format_rows(rows), f"\ntables and the fastest plan are in {output}/"])
 
 
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one `error:` line on stderr and exit code 2; SIGINT and SIGTERM
+    stop the run, remove what it wrote and exit 130 or 143."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    here = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _raise_interrupted) for s in signals} if here else {}
     try:
         cli.main(args=argv, prog_name="prism-plan", standalone_mode=False)
+    except Interrupted as e:
+        done = ("the run had finished: its outputs are written" if e.committed else
+                "nothing was written and existing files are untouched")
+        click.echo(f"interrupted ({signal.Signals(e.signum).name}): {done}", err=True)
+        return 128 + e.signum
     except PrismError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "prism-plan"
+        click.echo(f"error: {' '.join(e.format_message().split())} (see `{where} --help`)", err=True)
+        return 2
     except click.ClickException as e:
-        e.show()
-        return e.exit_code
+        click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        return 2
     except click.exceptions.Exit as e:
         return e.exit_code
+    except OSError as e:  # one a reader did not foresee: still one line that names the file
+        click.echo(f"error: {e.filename or 'a file'}: {e.strerror or e}; check the path and its permissions",
+                   err=True)
+        return 2
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 

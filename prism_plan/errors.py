@@ -32,3 +32,13 @@ class InfeasibleError(PrismError):
 
 class TimeLimitError(PrismError):
     """The time limit ran out before any placement was found."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that no `except Exception` in a
+    solver swallows it; the run stops and removes what it wrote. committed: the outputs were already in place."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.committed = False

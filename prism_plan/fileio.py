@@ -1,41 +1,219 @@
-"""Reading users' files with clear errors, and atomic writes: a temp file in the target's folder, then a
-rename, so readers never see half a file."""
+"""Reading users' files with clear errors, and writing outputs so that nothing is ever half written or lost.
+
+Every output goes to a temporary name in its target's folder. Outside a transaction the temporary is renamed
+over the target as soon as it is complete; inside one (`transaction()`, which the CLI opens around each verb)
+every rename waits until the whole run succeeded, and a failure or an interrupt removes every temporary and every
+folder the run created, leaving existing files as they were.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import json
 import os
+import shutil
+import signal
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from prism_plan.errors import MissingInputError, PrismError
 
 # Files that ship with the package (the quickstart's trace and cluster, the tiny executor example).
 DATA_DIR = Path(__file__).resolve().parent / "data"
+# A folder of outputs written as one (a window set) holds this file naming them, so that a later run knows the
+# folder is its own to replace.
+MANIFEST = "manifest.json"
+
+
+def _same(a: Path, b: Path) -> bool:
+    """True when `a` and `b` name the same file (through links, `..` or a second name of the same inode)."""
+    if a.resolve() == b.resolve():
+        return True
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True when `path` lies somewhere under `folder`."""
+    return folder.resolve() in path.resolve().parents
+
+
+def _write_error(target: Path, e: OSError) -> PrismError:
+    """The one-line error for an output that cannot be written."""
+    fix = {errno.ENAMETOOLONG: "use a shorter name", errno.EACCES: "choose a folder you can write",
+           errno.EPERM: "choose a folder you can write", errno.EROFS: "choose a writable file system",
+           errno.ENOSPC: "free some space or write elsewhere", errno.ENOTDIR: "a part of the path is a file"}
+    return PrismError(f"cannot write {target}: {e.strerror or e}; {fix.get(e.errno, 'choose another output path')}")
+
+
+def _writable_ancestor(target: Path) -> Path:
+    """The nearest existing folder above `target`; a PrismError when a file stands in the way."""
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PrismError(f"cannot write {target}: {parent} is a file, not a folder; choose another output path")
+    return parent
+
+
+def check_output(target: str | os.PathLike, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder where a file is wanted (or the
+    reverse), a name too long, a folder without write permission."""
+    target = Path(target)
+    if not folder and target.is_dir():
+        raise PrismError(f"{target} is a folder; name a file to write")
+    if folder and target.exists() and not target.is_dir():
+        raise PrismError(f"{target} is a file; name a folder to write into")
+    ancestor = _writable_ancestor(target)
+    name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+    for part in target.parts:
+        if len(os.fsencode(part)) + 16 > name_max:  # room for the temporary's prefix and suffix
+            raise PrismError(f"cannot write {target}: the name {part[:40]}... is too long; use a shorter name")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PrismError(f"cannot write {target}: {ancestor} is not writable; choose a folder you can write")
+
+
+def check_distinct(inputs: Iterable[str | os.PathLike], outputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse, before any work, an output that is one of the inputs or another output."""
+    inputs = [Path(p) for p in inputs if p is not None]
+    outputs = [Path(p) for p in outputs if p is not None]
+    for i, out in enumerate(outputs):
+        for other in outputs[:i]:
+            if _same(out, other):
+                raise PrismError(f"{out} is named as two outputs; give each output its own path")
+        for src in inputs:
+            if _same(out, src):
+                raise PrismError(f"the output {out} is also an input; write to another path (inputs are never "
+                                 f"overwritten)")
+
+
+@dataclass
+class Transaction:
+    """The outputs of one run: (temporary, target) pairs renamed together by `commit`, and the folders the run
+    created, removed with every temporary by `rollback`."""
+
+    renames: list[tuple[Path, Path]] = field(default_factory=list)
+    created: list[Path] = field(default_factory=list)
+    committed: bool = False
+
+    def make_parents(self, target: Path) -> None:
+        """Create the missing folders above `target`, remembering them for a rollback."""
+        missing = [p for p in reversed(target.parents) if not p.exists()]
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _write_error(target, e)
+        self.created.extend(missing)
+
+    def commit(self) -> None:
+        """Rename every temporary over its target (later ones first, so files written into a temporary folder
+        land before the folder does), with SIGINT and SIGTERM held until all are in place."""
+        held = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for tmp, target in reversed(self.renames):
+                try:
+                    _replace(tmp, target)
+                except OSError as e:
+                    self.rollback()
+                    raise _write_error(target, e)
+            self.committed = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+    def rollback(self) -> None:
+        """Remove every temporary and the folders the run created (if nothing else was put there)."""
+        for tmp, _ in self.renames:
+            _remove(tmp)
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Put `tmp` (a file or a folder) where `target` is; an old folder at `target` goes only once the new one
+    is in place."""
+    if not tmp.is_dir() or not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(tmp, target)
+    shutil.rmtree(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder that may already be gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+_OPEN: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar("prism_plan_transaction", default=None)
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; on success rename it over `target`, on error delete it."""
-    target = Path(target)
-    if target.is_dir():
-        raise PrismError(f"{target} is a folder; name a file to write")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+def transaction() -> Iterator[Transaction]:
+    """Hold back every output written in the block until it ends without error, then rename them all; on any
+    error or interrupt remove them, leaving existing files untouched. Inside an open transaction, join it."""
+    if _OPEN.get() is not None:
+        yield _OPEN.get()
+        return
+    tx = Transaction()
+    token = _OPEN.set(tx)
     try:
-        yield tmp_path
-        os.replace(tmp_path, target)
+        yield tx
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        tx.rollback()
         raise
+    finally:
+        _OPEN.reset(token)
+    tx.commit()
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, *, folder: bool = False,
+                inputs: Iterable[str | os.PathLike] | None = None) -> Iterator[Path]:
+    """Yield a temporary path (a folder when `folder`) next to `target`; once the block succeeds it replaces
+    `target` (at the end of the open transaction, if there is one); on error it is deleted. A folder replaces
+    `target` whole: it must not hold any of `inputs`, nor files some other program put there."""
+    target = Path(target)
+    check_output(target, folder=folder)
+    if folder and target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise PrismError(f"{target} holds files prism-plan did not write there; name a new or empty folder")
+    if folder and inputs is not None:
+        for src in inputs:
+            if target.is_dir() and _inside(Path(src), target):
+                raise PrismError(f"the output folder {target} holds the input {src}; write to another folder")
+    with transaction() as tx:
+        tx.make_parents(target)
+        try:
+            if folder:
+                tmp_path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+            else:
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+                os.close(fd)
+                tmp_path = Path(tmp)
+        except OSError as e:
+            raise _write_error(target, e)
+        umask = os.umask(0)
+        os.umask(umask)
+        # mkstemp and mkdtemp make 0600 and 0700; give the output the permissions open() and mkdir() would
+        os.chmod(tmp_path, (0o777 if folder else 0o666) & ~umask)
+        tx.renames.append((tmp_path, target))
+        try:
+            yield tmp_path
+        except BaseException:
+            _remove(tmp_path)
+            tx.renames.remove((tmp_path, target))
+            raise
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:

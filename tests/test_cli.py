@@ -126,12 +126,17 @@ def drift_windows(tmp_path_factory):
 
 def test_windowed_tables_folder(drift_windows, capsys):
     d = drift_windows
-    assert sorted(p.name for p in (d / "win").iterdir()) == ["window-0000.npz", "window-0001.npz", "window-0002.npz"]
+    windows = ["window-0000.npz", "window-0001.npz", "window-0002.npz"]
+    assert sorted(p.name for p in (d / "win").iterdir()) == ["manifest.json", *windows]
+    assert json.loads((d / "win" / "manifest.json").read_text())["windows"] == windows
     code, out, _ = run(capsys, "profile", "tables", d / "drift.parquet", "--window", "6000", "-o", d / "win2",
                        "--quiet", "--json")
     summary = json.loads(out)
     assert code == 0 and [s["window"]["index"] for s in summary] == [0, 1, 2]
     assert all(sum(s["tokens"]) == 6000 for s in summary)
+    # a rerun with larger windows replaces the set whole: no window of the first run is left beside the new one
+    assert run(capsys, "profile", "tables", d / "drift.parquet", "--window", "18000", "-o", d / "win2")[0] == 0
+    assert sorted(p.name for p in (d / "win2").iterdir()) == ["manifest.json", "window-0000.npz"]
 
 
 def test_migrate_writes_plan_and_verified_moves(drift_windows, capsys, tmp_path):
@@ -162,11 +167,12 @@ def test_impossible_migration_exit_2_and_touches_nothing(drift_windows, capsys, 
     shrunk = tmp_path / "shrunk.toml"
     shrunk.write_text(BUNDLED_CLUSTER.read_text().replace("memory_gib = 12.0", "memory_gib = 3.0"))
     code, out, err = run(capsys, "migrate", "--plan", d / "plan0.json", "--tables", d / "win" / "window-0001.npz",
-                         "--cluster", shrunk, "--budget-gib", "0.1", "-o", d / "plan0.json", "--moves",
+                         "--cluster", shrunk, "--budget-gib", "0.1", "-o", tmp_path / "new.json", "--moves",
                          tmp_path / "m.json")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert err.startswith("error: move budget 102.40 MiB is too small") and "raise --budget-gib" in err
     assert (d / "plan0.json").read_bytes() == before and not (tmp_path / "m.json").exists()
+    assert not (tmp_path / "new.json").exists()
     code, _, err = run(capsys, "migrate", "--plan", d / "plan0.json", "--tables", d / "win" / "window-0001.npz",
                        "--cluster", tmp_path / "nope.toml", "-o", tmp_path / "x.json", "--moves", tmp_path / "m.json")
     assert code == 2 and "no cluster file" in err
@@ -191,10 +197,11 @@ def test_swap_with_no_room_anywhere_exit_2(tmp_path, capsys):
                                      '[[server]]\nname="b"\nmemory_gib=1\n')
     before = (tmp_path / "old.json").read_bytes()
     code, out, err = run(capsys, "migrate", "--plan", tmp_path / "old.json", "--tables", tmp_path / "t.npz",
-                         "--cluster", tmp_path / "c.toml", "-o", tmp_path / "old.json", "--moves", tmp_path / "m.json")
+                         "--cluster", tmp_path / "c.toml", "-o", tmp_path / "new.json", "--moves", tmp_path / "m.json")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert "cannot order the moves" in err and "give a server room for one more expert" in err
-    assert (tmp_path / "old.json").read_bytes() == before and not (tmp_path / "m.json").exists()
+    assert (tmp_path / "old.json").read_bytes() == before
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "new.json").exists()
 
 
 def test_library_errors_name_the_verbs_flags(tmp_path, capsys, tables_file):

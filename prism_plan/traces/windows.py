@@ -7,12 +7,14 @@ later tokens that arrive after that count in the window they arrive in).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from prism_plan.errors import PrismError
+from prism_plan.fileio import atomic_path, MANIFEST, write_text_atomic
 from prism_plan.progress import track
 from prism_plan.traces.tables import ActivationTables, build_tables, tables_from_trace
 from prism_plan.traces.trace import Trace, iter_trace
@@ -74,20 +76,22 @@ def window_tables(path: str | Path, size: int, unit: str = "tokens", pairs: bool
 def write_tables(path: str | Path, out: str | Path, *, window: int | None = None, unit: str = "tokens",
                  pairs: bool = True, quiet: bool = True) -> list[tuple[Path, ActivationTables]]:
     """Write the activation tables of the trace at `path` to `out` (.npz), or with `window`, the tables of
-    each window of that many tokens or requests (`unit`) to the folder `out` as window-0000.npz, ...;
-    returns (path, tables) of each file written."""
+    each window of that many tokens or requests (`unit`) to the folder `out` as window-0000.npz, ... beside
+    manifest.json (which lists them); returns (path, tables) of each file written."""
     if window is None:
         tables = tables_from_trace(path, pairs=pairs, quiet=quiet)
         tables.save(out)
         return [(Path(out), tables)]
     out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PrismError(f"{out_dir} is a file; window tables go into a folder: give one as `out`",
-                         parameters=("out",))
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for tables in window_tables(path, window, unit, pairs=pairs, quiet=quiet):
-        target = out_dir / f"window-{tables.meta['window']['index']:04d}.npz"
-        tables.save(target)
-        written.append((target, tables))
+    # The window set is one output: a temporary folder with a manifest of its windows replaces `out` whole
+    # (so no window of an earlier run survives beside the new ones), and only once every window is written.
+    with atomic_path(out_dir, folder=True, inputs=[path]) as tmp_dir:
+        for tables in window_tables(path, window, unit, pairs=pairs, quiet=quiet):
+            name = f"window-{tables.meta['window']['index']:04d}.npz"
+            tables.save(tmp_dir / name)
+            written.append((out_dir / name, tables))
+        manifest = {"format": "prism-plan/windows", "version": 1, "trace": str(path), "unit": unit, "size": window,
+                    "windows": [p.name for p, _ in written]}
+        write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
     return written

@@ -44,16 +44,24 @@ class MilpSolution:
 
 
 class MilpBackend(ABC):
-    """One solver back end."""
+    """One solver back end.
+
+    in_process: the back end's solve runs in this process and can be stopped from outside (CBC: a program of its
+    own); the others run in a forked child, since a solver inside a C++ call neither keeps its time limit nor lets
+    Python see Ctrl-C or SIGTERM until it returns.
+    """
 
     name: ClassVar[str]
+    in_process: ClassVar[bool] = False
 
     def solve(self, model: MilpModel, time_limit: float | None) -> MilpSolution:
         """Solve `model` within `time_limit` seconds (None: no limit)."""
         # Crossed bounds are infeasible on their face; MathOpt rejects them and MPS cannot say them.
         if np.any(model.lb > model.ub) or np.any(model.row_lb > model.row_ub):
             return MilpSolution(None, "infeasible", None)
-        return self._solve(model, time_limit)
+        if self.in_process:
+            return self._solve(model, time_limit)
+        return in_child_process(self._solve, model, time_limit)
 
     @abstractmethod
     def _solve(self, model: MilpModel, time_limit: float | None) -> MilpSolution:
@@ -108,17 +116,18 @@ def _run_and_send(solve, model: MilpModel, time_limit: float, send) -> None:
         send.send(e)
 
 
-def in_child_process(solve, model: MilpModel, time_limit: float) -> MilpSolution:
+def in_child_process(solve, model: MilpModel, time_limit: float | None) -> MilpSolution:
     """`solve(model, time_limit)` in a forked process that is killed when it is still running a little past
-    `overrun_deadline(time_limit)`: for solvers whose own limit and interrupt do not hold (HiGHS' first LP
-    runs to its end). A killed solve returns `timeout` without a solution."""
+    `overrun_deadline(time_limit)` (None: never), or when the wait is interrupted (Ctrl-C, SIGTERM): for solvers
+    whose own limit and interrupt do not hold (HiGHS' first LP runs to its end). A killed solve returns `timeout`
+    without a solution."""
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_run_and_send, args=(solve, model, time_limit, send), daemon=True)
     child.start()
     send.close()
     try:
-        if not recv.poll(overrun_deadline(time_limit) + _GRACE):
+        if not recv.poll(None if time_limit is None else overrun_deadline(time_limit) + _GRACE):
             return MilpSolution(None, "timeout", None)
         answer = recv.recv()
     except EOFError:  # the child died without a word (out of memory, say)

@@ -214,6 +214,7 @@ class CbcBackend(MilpBackend):
     """CBC (the binary bundled with PuLP), with the model's hint as a MIP start."""
 
     name = "cbc"
+    in_process = True
 
     def _solve(self, model: MilpModel, time_limit: float | None) -> MilpSolution:
         start = time.perf_counter()
