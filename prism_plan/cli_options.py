@@ -113,7 +113,7 @@ class Group(click.Group):
 
 def outputs(what: str, required: bool = True, default: Path | None = None, kind: str | None = "file"):
     """-o/--output (an Output of `kind`), --quiet and --json, the options of every verb that writes."""
-    return lambda f: click.option("-o", "--output", type=OUT if kind == "file" else Output(kind), required=required, default=default, help=what,
+    return lambda f: click.option("-o", "--output", type=Output(kind), required=required, default=default, help=what,
                                   show_default=default is not None)(
         click.option("--quiet", is_flag=True, help="No progress display (also off in pipes).")(
             click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")(f)))

@@ -51,10 +51,18 @@ def _write_error(target: Path, e: OSError) -> PrismError:
     return PrismError(f"cannot write {target}: {e.strerror or e}; {fix.get(e.errno, 'choose another output path')}")
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists, False also for a name the file system refuses (too long, say)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _writable_ancestor(target: Path) -> Path:
     """The nearest existing folder above `target`; a PrismError when a file stands in the way."""
     parent = target.parent
-    while not parent.exists():
+    while not _exists(parent):
         parent = parent.parent
     if not parent.is_dir():
         raise PrismError(f"cannot write {target}: {parent} is a file, not a folder; choose another output path")
@@ -65,15 +73,15 @@ def check_output(target: str | os.PathLike, *, folder: bool = False) -> None:
     """Refuse, before any work, an output path that cannot be written: a folder where a file is wanted (or the
     reverse), a name too long, a folder without write permission."""
     target = Path(target)
-    if not folder and target.is_dir():
-        raise PrismError(f"{target} is a folder; name a file to write")
-    if folder and target.exists() and not target.is_dir():
-        raise PrismError(f"{target} is a file; name a folder to write into")
     ancestor = _writable_ancestor(target)
     name_max = os.pathconf(ancestor, "PC_NAME_MAX")
     for part in target.parts:
         if len(os.fsencode(part)) + 16 > name_max:  # room for the temporary's prefix and suffix
-            raise PrismError(f"cannot write {target}: the name {part[:40]}... is too long; use a shorter name")
+            raise PrismError(f"cannot write {target}: the name {part[:24]}... is too long; use a shorter name")
+    if not folder and target.is_dir():
+        raise PrismError(f"{target} is a folder; name a file to write")
+    if folder and target.exists() and not target.is_dir():
+        raise PrismError(f"{target} is a file; name a folder to write into")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise PrismError(f"cannot write {target}: {ancestor} is not writable; choose a folder you can write")
 
@@ -160,10 +168,11 @@ _OPEN: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar("pris
 
 
 @contextlib.contextmanager
-def transaction() -> Iterator[Transaction]:
+def transaction(*, own: bool = False) -> Iterator[Transaction]:
     """Hold back every output written in the block until it ends without error, then rename them all; on any
-    error or interrupt remove them, leaving existing files untouched. Inside an open transaction, join it."""
-    if _OPEN.get() is not None:
+    error or interrupt remove them, leaving existing files untouched. Inside an open transaction, join it,
+    unless `own`."""
+    if _OPEN.get() is not None and not own:
         yield _OPEN.get()
         return
     tx = Transaction()
@@ -180,10 +189,11 @@ def transaction() -> Iterator[Transaction]:
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, *, folder: bool = False,
-                inputs: Iterable[str | os.PathLike] | None = None) -> Iterator[Path]:
+                inputs: Iterable[str | os.PathLike] | None = None, now: bool = False) -> Iterator[Path]:
     """Yield a temporary path (a folder when `folder`) next to `target`; once the block succeeds it replaces
-    `target` (at the end of the open transaction, if there is one); on error it is deleted. A folder replaces
-    `target` whole: it must not hold any of `inputs`, nor files some other program put there."""
+    `target` (at the end of the open transaction, if there is one, unless `now`: state that must outlive an
+    interrupted run, like a journal); on error it is deleted. A folder replaces `target` whole: it must not
+    hold any of `inputs`, nor files some other program put there."""
     target = Path(target)
     check_output(target, folder=folder)
     if folder and target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
@@ -192,7 +202,7 @@ def atomic_path(target: str | os.PathLike, *, folder: bool = False,
         for src in inputs:
             if target.is_dir() and _inside(Path(src), target):
                 raise PrismError(f"the output folder {target} holds the input {src}; write to another folder")
-    with transaction() as tx:
+    with transaction(own=now) as tx:
         tx.make_parents(target)
         try:
             if folder:
@@ -216,9 +226,9 @@ def atomic_path(target: str | os.PathLike, *, folder: bool = False,
             raise
 
 
-def write_text_atomic(target: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to `target` atomically."""
-    with atomic_path(target) as tmp:
+def write_text_atomic(target: str | os.PathLike, text: str, *, now: bool = False) -> None:
+    """Write `text` (UTF-8) to `target` atomically (see `atomic_path` for `now`)."""
+    with atomic_path(target, now=now) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from prism_plan.errors import PrismError
-from prism_plan.fileio import atomic_path, loaded, write_text_atomic
+from prism_plan.fileio import atomic_path, loaded, transaction, write_text_atomic
 from prism_plan.placement.cluster import GIB, ClusterSpec
 from prism_plan.pipeline import solve_problem
 from prism_plan.placement.plan import Plan
@@ -62,11 +62,10 @@ class Report:
                 f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
     def save(self, path: str | Path, png_dir: str | Path | None = None) -> None:
-        """Write the HTML atomically; with png_dir, also every figure as <name>.png there."""
-        write_text_atomic(path, self.html())
-        if png_dir is not None:
-            Path(png_dir).mkdir(parents=True, exist_ok=True)
-            for f in self.figures:
+        """Write the HTML; with png_dir, also every figure as <name>.png there: all or nothing."""
+        with transaction():
+            write_text_atomic(path, self.html())
+            for f in self.figures if png_dir is not None else ():
                 with atomic_path(Path(png_dir) / f"{f.name}.png") as tmp:
                     Path(tmp).write_bytes(f.png)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prism_plan.fileio import transaction
 from prism_plan.placement.cluster import load_cluster
 from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 from prism_plan.studies.comparison import best_row, compare
@@ -25,6 +26,7 @@ def run_quickstart(out_dir: str | Path = "prism-quickstart", *, time_limit: floa
     profile, evaluation = load_trace(BUNDLED_TRACE).split_requests(0.5)
     cluster = load_cluster(BUNDLED_CLUSTER)
     rows, plans = compare(cluster, profile, evaluation, time_limit=time_limit or QUICK_SECONDS, quiet=quiet)
-    build_tables([profile]).save(out_dir / "tables.npz")
-    plans[best_row(rows)["label"]].save(out_dir / "plan.json", cluster)
+    with transaction():
+        build_tables([profile]).save(out_dir / "tables.npz")
+        plans[best_row(rows)["label"]].save(out_dir / "plan.json", cluster)
     return rows
