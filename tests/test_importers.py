@@ -101,7 +101,7 @@ def test_vllm_routed_experts_from_npy_npz_and_a_folder(tmp_path, capsys, config)
     rng = np.random.default_rng(2)
     folder = tmp_path / "vllm"
     folder.mkdir()
-    a, b, c = (rng.integers(0, 8, (n, 3, 2)) for n in (4, 6, 2))
+    a, b, c = (np.argsort(rng.random((n, 3, 8)), axis=2)[:, :, :2] for n in (4, 6, 2))  # distinct top-2
     np.save(folder / "chat.npy", a)
     np.savez(folder / "code.npz", r0=b, r1=c)
     code, out, _ = run(capsys, "profile", "import", "--format", "vllm", folder, "--model", config, "-o",
@@ -111,7 +111,7 @@ def test_vllm_routed_experts_from_npy_npz_and_a_folder(tmp_path, capsys, config)
     trace = load_trace(tmp_path / "t.parquet")
     assert trace.origins == ("chat", "code")
     assert np.array_equal(trace.experts, np.concatenate([a, b, c]))
-    np.save(folder / "chat.npy", rng.integers(0, 8, (4, 4, 2)))  # all hidden layers instead of MoE layers
+    np.save(folder / "chat.npy", np.argsort(rng.random((4, 4, 8)), axis=2)[:, :, :2])  # all hidden layers
     code, _, err = run(capsys, "profile", "import", "--format", "vllm", folder, "--model", config, "-o",
                        tmp_path / "u.parquet")
     assert code == 2 and "[tokens, 3, 2] (MoE layers only)" in err

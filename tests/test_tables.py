@@ -62,10 +62,32 @@ def test_load_errors(tmp_path):
     with pytest.raises(PrismError, match="missing array"):
         ActivationTables.load(tmp_path / "x.npz")
     (tmp_path / "y.npz").write_text("junk")
-    with pytest.raises(PrismError, match="not a readable"):
+    with pytest.raises(PrismError, match="not a prism-plan tables file"):
         ActivationTables.load(tmp_path / "y.npz")
 
 
 def test_shape_checks():
     with pytest.raises(PrismError, match="tokens has shape"):
         ActivationTables(("a",), (1, 2), np.zeros((1, 2, 4)), np.zeros(2, np.int64))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(freq=np.full((1, 2, 4), np.nan)), "finite"),
+    (dict(freq=-np.ones((1, 2, 4))), "not negative"),
+    (dict(freq=np.zeros((1, 2, 4)), tokens=np.zeros(1, np.int64)), "no tokens"),
+    (dict(freq=np.full((1, 2, 4), 5.0)), "do not belong together"),  # 20 activations per layer from 2 tokens x top-2
+    (dict(coact=np.full((2, 4, 4), 1e6)), "more than the 2 tokens"),
+])
+def test_counts_no_solver_can_use_are_refused(change, message):
+    good = dict(freq=np.ones((1, 2, 4)), tokens=np.array([2]), coact=np.ones((2, 4, 4)))
+    with pytest.raises(PrismError, match=message):
+        ActivationTables(("a",), (1, 2), **{**good, **change}, meta={"top_k": 2})
+
+
+def test_damaged_files_are_not_tables(tmp_path, esft_tables):
+    esft_tables.save(tmp_path / "t.npz")
+    data = (tmp_path / "t.npz").read_bytes()
+    for name, content in [("cut.npz", data[:len(data) // 2]), ("empty.npz", b""), ("noise.npz", bytes(range(256)))]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(PrismError, match=f"{name} is not a prism-plan tables file"):
+            ActivationTables.load(tmp_path / name)

@@ -10,7 +10,7 @@ from prism_plan.studies.bundled import BUNDLED_TRACE
 from prism_plan.placement.model import ModelSpec
 from prism_plan.traces.esft import iter_esft
 from prism_plan.traces.importing import import_trace
-from prism_plan.traces.trace import Trace, TraceMeta, iter_trace, load_trace
+from prism_plan.traces.trace import Trace, TraceMeta, iter_trace, load_trace, routing_ids
 
 # Per-domain sequences and tokens of the ESFT data (shared/traces/README.md).
 ESFT_COUNTS = {"intent": (127, 8222), "law": (33, 8327), "summary": (13, 8479), "translation": (40, 8251)}
@@ -92,7 +92,7 @@ def test_jsonl_import(tmp_path):
 
 @pytest.mark.parametrize("row, message", [
     ({"origin": "a", "experts": [[0, 1]]}, r"shape \[1, 2\]"),
-    ({"origin": "a", "experts": [[0, 1], [2, 99]]}, "out of range"),
+    ({"origin": "a", "experts": [[0, 1], [2, 99]]}, "outside 0..7"),
     ({"origin": "a", "layers": [1, 2], "experts": [[0, 1], [2, 3]]}, "do not match"),
     ({"experts": [[0, 1], [2, 3]]}, "needs `origin`"),
     ({"origin": "a", "phase": "train", "experts": [[0, 1], [2, 3]]}, "phase"),
@@ -159,3 +159,25 @@ def test_split_requests_keeps_whole_requests_per_origin():
         a, b = set(first.request[first.origin == o]), set(rest.request[rest.origin == o])
         assert a and b and not a & b and max(a) < min(b)
         assert abs(len(a) - len(b)) <= 1
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.array([[[0, 1]], [[2, 2]]]), "row 1: expert 2 appears twice"),
+    (np.array([[[0, 65540]]]), "row 0: expert id 65540 is outside 0..3"),  # would wrap to 4 as int16
+    (np.array([[[0.0, 1.0]]]), "must be integers"),
+])
+def test_routing_ids_are_refused_before_any_cast(ids, message):
+    with pytest.raises(PrismError, match=message):
+        routing_ids(ids, 4, "t", "fix it", rows=lambda t: f" row {t}")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"top_k": 2.0}, "`top_k` must be an integer"),
+    ({"layers": [1, True]}, "`layers` must be a list of integers"),
+    ({"num_experts": 0}, "num_experts 0 is outside"),
+    ({"spec": {**small_model().to_dict(), "top_k": 3}}, "spec"),
+])
+def test_trace_metadata_is_taken_only_as_written(change, message):
+    text = json.dumps({"model": "tiny", "layers": [1, 3], "num_experts": 8, "top_k": 2, **change})
+    with pytest.raises(PrismError, match=message):
+        TraceMeta.from_json(text, "t.parquet")

@@ -1,9 +1,12 @@
 """Windowed tables and the drifting ESFT workload."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from prism_plan.errors import PrismError
+from prism_plan.fileio import DATA_DIR
 from prism_plan.studies.bundled import BUNDLED_TRACE
 from prism_plan.traces.drift import drifting_workload, rotation_mix
 from prism_plan.traces.tables import build_tables
@@ -75,3 +78,11 @@ def test_drifting_workload_rotates_each_stream_to_the_next_domain(tmp_path, esft
 def test_drift_rejects_a_bad_mix(esft):
     with pytest.raises(PrismError, match="sum to 1"):
         drifting_workload(esft, 2, 100, mix=np.full((2, 4, 4), 0.5))
+
+
+def test_request_ids_far_apart_are_different_requests():
+    t = load_trace(DATA_DIR / "tiny" / "trace.parquet")
+    half = t.num_tokens // 2
+    one_origin = replace(t, origin=np.zeros_like(t.origin),
+                         request=np.where(np.arange(t.num_tokens) < half, 0, 2**40).astype(t.request.dtype))
+    assert [w.num_tokens for w in iter_windows([one_origin], 1, "requests")] == [half, t.num_tokens - half]

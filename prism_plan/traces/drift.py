@@ -45,6 +45,8 @@ def drifting_workload(trace: Trace, windows: int, window_tokens: int, mix: np.nd
     mix: [windows, streams, origins] probabilities (rows sum to 1); default rotation_mix(windows, origins).
     window_tokens: tokens per stream and window. Request ids are numbered per stream across all windows.
     """
+    if not trace.num_tokens:
+        raise PrismError("the trace holds no tokens to draw requests from; give a trace with routed tokens")
     domains = len(trace.origins)
     mix = rotation_mix(windows, domains) if mix is None else np.asarray(mix, float)
     if windows < 1 or window_tokens < 1:
@@ -89,6 +91,8 @@ def write_drifting_workload(path: str | Path, output: str | Path, *, windows: in
     origin i + shift) to `output`; returns what was written: streams, windows, tokens and the window size in
     tokens that `--window` / window_tables needs to recover the windows."""
     source = load_trace(path)
+    if not source.num_tokens:
+        raise PrismError(f"{path} holds no tokens to draw requests from; give a trace with routed tokens")
     mix = rotation_mix(windows, len(source.origins), shift)
     Trace.concat(drifting_workload(source, windows, window_tokens, mix, seed)).save(output)
     size = window_tokens * len(source.origins)

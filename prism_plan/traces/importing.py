@@ -42,6 +42,9 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
     if model is None and fmt != "esft":
         raise PrismError(f"{fmt} dumps do not say which model they come from: pass `model` (a preset, a config.json "
                          f"or a model folder)", parameters=("model",))
+    if origin is not None and not origin.strip():
+        raise PrismError("`origin` is empty; give a name, or leave it out to name origins after the files",
+                         parameters=("origin",))
     model = resolve_model("deepseek-v2-lite" if model is None else model)
     if Path(out).suffix == ".npz":
         if fmt != "sglang":

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_plan.errors import PrismError
+from prism_plan.errors import MissingInputError, PrismError
+from prism_plan.placement.checks import text
 from prism_plan.placement.model import from_hf_config
 from prism_plan.progress import counter
-from prism_plan.traces.dumps import json_lines
+from prism_plan.traces.dumps import json_ints, json_lines, reason
 from prism_plan.traces.trace import Trace, TraceMeta, TraceWriter
 
 INSTALL = "pip install 'prism-plan[profile]'  (torch==2.13.0 and transformers)"
@@ -52,33 +53,37 @@ class Prompt:
 
 def read_prompts(path: str | Path, tokenizer=None, origin_field: str = "origin",
                  chat_template: bool = False) -> list[Prompt]:
-    """Prompts from JSONL: each line has the origin field and either `input_ids` (a list of ints) or `text`
-    (tokenised with `tokenizer`, through its chat template when asked)."""
+    """Prompts from JSONL: each line has the origin field (a string) and either `input_ids` (a list of
+    integers) or `text` (a string, tokenised with `tokenizer`, through its chat template when asked)."""
     path = Path(path)
     prompts = []
-    for where, d in json_lines(path, "prompts file"):
+    for line in json_lines(path, "prompts file"):
+        where, d, _ = line
         if not isinstance(d, dict) or origin_field not in d:
             raise PrismError(f"{where}: each line needs a `{origin_field}` (`origin_field`) and `text` or `input_ids`",
                              parameters=("origin_field",))
+        origin = text(d[origin_field], f"{where}: `{origin_field}`", fix="name each prompt's origin")
         if "input_ids" in d:
-            ids = d["input_ids"]
-            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise PrismError(f"{where}: `input_ids` must be a non-empty list of token ids")
+            ids = json_ints(d["input_ids"], "input_ids", line)
+            if ids.ndim != 1 or not ids.size or ids.min() < 0:
+                raise PrismError(f"{where}: `input_ids` must be a non-empty list of token ids (integers >= 0)")
+            ids = ids.tolist()
         elif "text" in d:
+            prompt = text(d["text"], f"{where}: `text`", fix="give the prompt as a string")
             if tokenizer is None:
-                raise PrismError(f"{where}: `text` needs the model's tokenizer, and the model folder has none; "
-                                 f"give `input_ids` instead")
+                raise PrismError(f"{where}: `text` needs the model's tokenizer, which the model folder lacks or which "
+                                 f"could not be loaded; give `input_ids` instead")
             if chat_template:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": str(d["text"])}],
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                     add_generation_prompt=True, tokenize=True)
                 ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
             else:
-                ids = tokenizer(str(d["text"]))["input_ids"]
+                ids = tokenizer(prompt)["input_ids"]
             if not ids:
                 raise PrismError(f"{where}: `text` has no tokens")
         else:
             raise PrismError(f"{where}: give `text` or `input_ids`")
-        prompts.append(Prompt(str(d[origin_field]), tuple(int(i) for i in ids)))
+        prompts.append(Prompt(origin, tuple(int(i) for i in ids)))
     if not prompts:
         raise PrismError(f"{path} holds no prompts")
     return prompts
@@ -165,6 +170,19 @@ class RoutingRecorder:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def _local_model(path: Path) -> None:
+    """Refuse a local path that cannot be a model folder."""
+    if not path.is_dir():
+        raise PrismError(f"{path} is a file; give a model folder (config.json and weights) or a hub id (org/name)")
+    if not (path / "config.json").is_file():
+        raise PrismError(f"{path} has no config.json; give a Hugging Face model folder (config.json and weights)")
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names that a hub id cannot be (hub ids are `name` or `org/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(".json")
+
+
 def load_model(name_or_path: str | Path):
     """(model in eval mode, float32, on CPU; tokenizer or None). A local folder is read offline."""
     torch = _require_torch()
@@ -173,6 +191,11 @@ def load_model(name_or_path: str | Path):
 
     path = Path(name_or_path)
     local = path.exists()
+    if local:
+        _local_model(path)
+    elif _looks_like_path(str(name_or_path)):
+        raise MissingInputError(f"no model folder at {name_or_path}; give a local model folder or a hub id "
+                                f"(org/name)")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # loading chatter is not the user's business; errors still raise
     hf_logging.disable_progress_bar()
@@ -183,10 +206,15 @@ def load_model(name_or_path: str | Path):
         if not local or any((path / f).exists() for f in TOKENIZER_FILES):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local)
-            except (OSError, ValueError, TypeError):
+            except Exception:  # a tokenizer is optional: prompts may give input_ids
                 tokenizer = None
     except (OSError, ValueError) as e:
-        raise PrismError(f"cannot load model {name_or_path}: {str(e).splitlines()[0]}")
+        raise PrismError(f"cannot load model {name_or_path}: {reason(e)}; give a complete model folder or a "
+                         f"hub id")
+    except Exception as e:  # damaged weights: safetensors, torch and transformers each raise their own kind
+        files = sorted(p.name for p in path.glob("*.safetensors")) or sorted(p.name for p in path.glob("*.bin"))
+        raise PrismError(f"cannot load the weights of {name_or_path} ({', '.join(files) or 'none found'}): "
+                         f"{reason(e)}; the weights are damaged or incomplete: save or download the model again")
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -220,7 +248,8 @@ def profile_model(model_name: str | Path, prompts_path: str | Path, out: str | P
     vocab = int(model.get_input_embeddings().num_embeddings)
     too_big = [i for i, p in enumerate(prompts) if max(p.ids) >= vocab]
     if too_big:
-        raise PrismError(f"prompt {too_big[0] + 1} has a token id >= the model's vocabulary of {vocab}")
+        raise PrismError(f"{prompts_path}: prompt {too_big[0] + 1} has token id {max(prompts[too_big[0]].ids)}, beyond "
+                         f"the model's vocabulary of {vocab}; tokenise the prompts with this model's tokenizer")
     meta = TraceMeta.for_model(spec, f"profile:{spec.name}")
     origins = sorted({p.origin for p in prompts})
     pad = getattr(tokenizer, "pad_token_id", None) or 0

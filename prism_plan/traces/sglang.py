@@ -18,18 +18,31 @@ from typing import Iterator
 import numpy as np
 
 from prism_plan.errors import PrismError
+from prism_plan.placement.checks import integer
 from prism_plan.placement.model import ModelSpec
 from prism_plan.traces.dumps import dump_files, load_torch_file
-from prism_plan.traces.tables import ActivationTables
-from prism_plan.traces.trace import Trace, TraceMeta
+from prism_plan.traces.tables import MAX_TOKENS, ActivationTables
+from prism_plan.traces.trace import Trace, TraceMeta, routing_ids
+
+FIX = "pass the right `model` or record the dump again"
+
 
 def _moe_rows(arr: np.ndarray, model: ModelSpec, where: str, axis: int) -> np.ndarray:
     """The model's MoE layers out of an array indexed by all hidden layers along `axis`."""
     if arr.shape[axis] != model.num_hidden_layers:
         raise PrismError(f"{where}: {arr.shape[axis]} layers, but model {model.name!r} has "
-                         f"{model.num_hidden_layers} hidden layers (SGLang counts dense ones too); pass the right `model`",
-                         parameters=("model",))
+                         f"{model.num_hidden_layers} hidden layers (SGLang counts dense ones too); pass the right "
+                         f"`model`", parameters=("model",))
     return np.take(arr, list(model.layers), axis=axis)
+
+
+def _array(value: object, name: str, where: str, kinds: str) -> np.ndarray:
+    """A tensor of the dump, once its dtype kind is one of `kinds` ("iu": integers, "iuf": numbers)."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in kinds:
+        got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+        raise PrismError(f"{where}: `{name}` must be a tensor of {'integers' if kinds == 'iu' else 'numbers'}, "
+                         f"got {got}; record the dump again with SGLang")
+    return value
 
 
 def sglang_tables(src: str | Path, model: ModelSpec, origin: str | None = None) -> ActivationTables:
@@ -41,17 +54,25 @@ def sglang_tables(src: str | Path, model: ModelSpec, origin: str | None = None) 
         if not isinstance(d, dict) or "logical_count" not in d:
             raise PrismError(f"{path}: not an SGLang stat dump (no `logical_count`); per_token dumps become traces "
                              f"(-o trace.parquet)")
-        c = np.asarray(d["logical_count"], dtype=np.float64)
+        c = _array(d["logical_count"], "logical_count", str(path), "iuf").astype(np.float64)
         if c.ndim == 2:
             c = c[None]
         if c.ndim != 3 or c.shape[2] != model.num_experts:
             raise PrismError(f"{path}: logical_count has shape {list(c.shape)}, expected [buffer, "
-                             f"{model.num_hidden_layers}, {model.num_experts}]")
+                             f"{model.num_hidden_layers}, {model.num_experts}]; {FIX}", parameters=("model",))
+        bad = ~np.isfinite(c) | (c < 0) | (c > MAX_TOKENS)
+        if bad.any():
+            raise PrismError(f"{path}: logical_count holds {c[bad][0]}; counts must be finite, not negative and at "
+                             f"most 2**53: record the dump again")
         c = _moe_rows(c.sum(axis=0), model, str(path), axis=0)
         name = origin or path.stem
         counts[name] = counts.get(name, 0) + c
     freq = np.stack(list(counts.values()))
-    tokens = np.round(freq.sum(axis=2).mean(axis=1) / model.top_k).astype(np.int64)
+    if not freq.any():
+        raise PrismError(f"{src}: the dumps hold no tokens (every logical_count is 0); record while the server "
+                         f"handles traffic")
+    # every token activates top_k experts in each layer: the busiest layer bounds the tokens from below
+    tokens = np.ceil(freq.sum(axis=2).max(axis=1) / model.top_k).astype(np.int64)
     return ActivationTables(tuple(counts), model.layers, freq, tokens, None, None,
                             {"model": model.name, "top_k": model.top_k, "source": f"sglang-stat:{Path(src).name}",
                              "spec": model.to_dict(), "window": None, "coactivation": False})
@@ -67,7 +88,12 @@ def iter_sglang(src: str | Path, model: ModelSpec, origin: str | None = None) ->
         if not isinstance(d, dict) or "records" not in d:
             raise PrismError(f"{path}: not an SGLang per_token dump (no `records`); stat dumps become tables "
                              f"(-o tables.npz)")
+        if not isinstance(d["records"], list):
+            raise PrismError(f"{path}: `records` must be a list of per_token records, got "
+                             f"{type(d['records']).__name__}; record the dump again in per_token mode")
         p2l = d.get("last_physical_to_logical_map")
+        if p2l is not None:
+            p2l = _p2l(_array(p2l, "last_physical_to_logical_map", str(path), "iu"), model, str(path))
         name = origin or path.stem
         if name not in names:
             names.append(name)
@@ -75,13 +101,18 @@ def iter_sglang(src: str | Path, model: ModelSpec, origin: str | None = None) ->
             where = f"{path} record {i}"
             if not isinstance(rec, dict) or "topk_ids_of_layer" not in rec:
                 raise PrismError(f"{where}: no `topk_ids_of_layer`; record the dump in per_token mode")
-            ids = np.asarray(rec["topk_ids_of_layer"])
+            ids = _array(rec["topk_ids_of_layer"], "topk_ids_of_layer", where, "iu")
             if ids.ndim != 3 or ids.shape[2] < k:
                 raise PrismError(f"{where}: topk_ids_of_layer has shape {list(ids.shape)}, expected "
-                                 f"[{model.num_hidden_layers}, tokens, >= {k}]")
+                                 f"[{model.num_hidden_layers}, tokens, >= {k}]; {FIX}", parameters=("model",))
+            request = integer(rec.get("forward_pass_id", i), f"{where}: `forward_pass_id`", low=0,
+                              fix="record the dump again with SGLang")
             ids = _moe_rows(ids, model, where, axis=0).astype(np.int64)  # [moe layers, tokens, slots]
+            if ids.size and ids.min() < -1:
+                raise PrismError(f"{where}: topk_ids_of_layer holds {ids.min()}; ids are slots >= 0, or -1 for "
+                                 f"padding: record the dump again")
             if p2l is not None:
-                ids = _to_logical(ids, np.asarray(p2l), model, where)
+                ids = _to_logical(ids, p2l, where)
             if (ids[:, :, k:] >= 0).any():
                 raise PrismError(f"{where}: more than top_k={k} experts per token; pass the right `model`",
                                  parameters=("model",))
@@ -91,21 +122,30 @@ def iter_sglang(src: str | Path, model: ModelSpec, origin: str | None = None) ->
             if partial.any():
                 raise PrismError(f"{where}: token {int(np.argmax(partial))} has -1 among its top-{k} ids in some "
                                  f"MoE layers only")
-            if (ids[real] >= model.num_experts).any():
-                raise PrismError(f"{where}: expert id >= {model.num_experts}; pass last_physical_to_logical_map "
-                                 f"or the right `model`", parameters=("model",))
-            n = int(real.sum())
-            yield Trace(meta, tuple(names), np.full(n, names.index(name), np.int32),
-                        np.full(n, int(rec.get("forward_pass_id", i)), np.int64), np.arange(n, dtype=np.int32),
-                        np.zeros(n, bool), ids[real].astype(np.int16))
+            fix = "pass last_physical_to_logical_map or the right `model`" if p2l is None else FIX
+            experts = routing_ids(ids[real], model.num_experts, where, fix, rows=lambda t: f" token {t}",
+                                  parameters=("model",))
+            n = len(experts)
+            yield Trace(meta, tuple(names), np.full(n, names.index(name), np.int32), np.full(n, request, np.int64),
+                        np.arange(n, dtype=np.int32), np.zeros(n, bool), experts)
 
 
-def _to_logical(ids: np.ndarray, p2l: np.ndarray, model: ModelSpec, where: str) -> np.ndarray:
-    """Physical slot ids [moe layers, tokens, slots] to logical expert ids through p2l [hidden layers, P]."""
+def _p2l(p2l: np.ndarray, model: ModelSpec, where: str) -> np.ndarray:
+    """The MoE rows [moe layers, physical slots] of last_physical_to_logical_map [hidden layers, P], once every
+    slot maps to an expert of the model."""
+    where = f"{where} (last_physical_to_logical_map)"
     if p2l.ndim != 2:
-        raise PrismError(f"{where}: last_physical_to_logical_map has shape {list(p2l.shape)}, expected [layers, "
-                         f"physical slots]")
-    p2l = _moe_rows(p2l, model, where + " (last_physical_to_logical_map)", axis=0).astype(np.int64)
+        raise PrismError(f"{where}: shape {list(p2l.shape)}, expected [layers, physical slots]")
+    p2l = _moe_rows(p2l, model, where, axis=0).astype(np.int64)
+    if p2l.size and (p2l.min() < 0 or p2l.max() >= model.num_experts):
+        bad = p2l[(p2l < 0) | (p2l >= model.num_experts)][0]
+        raise PrismError(f"{where}: maps a slot to expert {bad}, outside 0..{model.num_experts - 1}; {FIX}",
+                         parameters=("model",))
+    return p2l
+
+
+def _to_logical(ids: np.ndarray, p2l: np.ndarray, where: str) -> np.ndarray:
+    """Physical slot ids [moe layers, tokens, slots] to logical expert ids through p2l [moe layers, P]."""
     if (ids >= p2l.shape[1]).any():
         raise PrismError(f"{where}: physical id >= {p2l.shape[1]}, the slots in last_physical_to_logical_map")
     layer = np.arange(ids.shape[0])[:, None, None]

@@ -1,6 +1,8 @@
 """ActivationTables: how often each origin activates each expert, and which experts fire together.
 
-Built from a trace batch by batch with array code (no per-token Python), saved as `.npz`.
+Built from a trace batch by batch with array code (no per-token Python), saved as `.npz`. Tables are always
+counts a solver can use: finite, not negative, consistent with their token counts, and with at least one token
+(tables of no tokens are refused wherever they are made or loaded: every ratio they feed would be 0 / 0).
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import numpy as np
 from prism_plan.fileio import atomic_path
 from prism_plan.errors import MissingInputError, PrismError
 from prism_plan.progress import track
-from prism_plan.traces.trace import Trace, iter_trace
+from prism_plan.traces.dumps import read_npz
+from prism_plan.traces.trace import Trace, checked_spec, iter_trace, open_trace
+
+PREFIX = "activation tables: "
+MAX_TOKENS = 2 ** 53  # counts stay exact in float64
+MAX_COUNT = 2.0 ** 63  # larger counts are no counts, and their sums would overflow
+PAIR_BYTES_MAX = 2 ** 32  # co-activation and transition arrays larger than this are refused, not swapped
+
 
 @dataclass
 class ActivationTables:
@@ -42,12 +51,42 @@ class ActivationTables:
     def __post_init__(self) -> None:
         self.origins = tuple(str(o) for o in self.origins)
         self.layers = tuple(int(x) for x in self.layers)
-        o, l, e = len(self.origins), len(self.layers), self.freq.shape[-1] if self.freq.ndim == 3 else -1
+        if self.freq.ndim != 3:
+            raise PrismError(f"{PREFIX}freq has shape {list(self.freq.shape)}, expected [origins, layers, experts]")
+        o, l, e = len(self.origins), len(self.layers), self.freq.shape[2]
         checks = [("freq", self.freq, (o, l, e)), ("tokens", self.tokens, (o,)),
                   ("coact", self.coact, (l, e, e)), ("trans", self.trans, (max(l - 1, 0), e, e))]
         for name, arr, shape in checks:
             if arr is not None and arr.shape != shape:
-                raise PrismError(f"activation tables: {name} has shape {list(arr.shape)}, expected {list(shape)}")
+                raise PrismError(f"{PREFIX}{name} has shape {list(arr.shape)}, expected {list(shape)}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Counts a solver can trust: finite, not negative, no more activations than tokens x top_k, and some
+        tokens at all (every ratio is per token; zero-token tables would give 100% of nothing)."""
+        if len(set(self.origins)) != len(self.origins) or len(set(self.layers)) != len(self.layers):
+            raise PrismError(f"{PREFIX}origins {list(self.origins)} and layers {list(self.layers)} must not repeat")
+        if self.tokens.size and (self.tokens.min() < 0 or self.tokens.max() > MAX_TOKENS):
+            raise PrismError(f"{PREFIX}tokens {self.tokens.tolist()[:8]} must lie in 0..2**53")
+        total = int(self.tokens.sum())
+        if total == 0:
+            raise PrismError(f"{PREFIX}no tokens at all, so every coverage or traffic figure would be 0 / 0")
+        for name, arr in (("freq", self.freq), ("coact", self.coact), ("trans", self.trans)):
+            if arr is None or not arr.size:
+                continue
+            if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > MAX_COUNT:
+                bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr) | (arr < 0) | (arr > MAX_COUNT))[0])
+                raise PrismError(f"{PREFIX}{name} holds {arr[bad]} at {list(bad)}; counts must be finite, not "
+                                 f"negative and below 2**63")
+            if name != "freq" and arr.max() > total:
+                raise PrismError(f"{PREFIX}{name} counts {arr.max():g} token pairs, more than the {total} tokens")
+        per_token = self.top_k or self.num_experts
+        over = self.freq.sum(axis=2) > self.tokens[:, None] * per_token * (1 + 1e-9)
+        if over.any():
+            i, j = (int(x) for x in np.argwhere(over)[0])
+            raise PrismError(f"{PREFIX}origin {self.origins[i]!r} has {self.freq[i, j].sum():g} activations in layer "
+                             f"{self.layers[j]} but {self.tokens[i]} tokens, each choosing {per_token} experts; "
+                             f"freq and tokens do not belong together")
 
     @property
     def num_experts(self) -> int:
@@ -85,22 +124,52 @@ class ActivationTables:
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationTables":
-        """Read a `.npz` written by `save`; a clear error for anything else."""
+        """Read a `.npz` written by `save`, every array and field checked; a clear error for anything else."""
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = {"freq", "tokens", "origins", "layers"} - set(z.files)
-                if missing:
-                    raise PrismError(f"{path} is not a tables file: missing array(s) {sorted(missing)}; "
-                                     f"build one with `prism-plan profile tables`")
-                return cls(tuple(z["origins"].tolist()), tuple(z["layers"].tolist()),
-                           z["freq"].astype(np.float64), z["tokens"].astype(np.int64),
-                           z["coact"] if "coact" in z.files else None, z["trans"] if "trans" in z.files else None,
-                           json.loads(str(z["meta"])) if "meta" in z.files else {})
-        except FileNotFoundError:
+        if not path.exists():
             raise MissingInputError(f"no tables file at {path}")
-        except (ValueError, OSError) as e:
-            raise PrismError(f"{path} is not a readable .npz tables file ({e})")
+        fix = "build one with `prism-plan profile tables`"
+        z = read_npz(path, "prism-plan tables file", fix)
+        missing = {"freq", "tokens", "origins", "layers"} - set(z)
+        if missing:
+            raise PrismError(f"{path} is not a prism-plan tables file: missing array(s) {sorted(missing)}; {fix}")
+        kinds = {"freq": ("iuf", 3), "tokens": ("iu", 1), "origins": ("U", 1), "layers": ("iu", 1),
+                 "coact": ("iuf", 3), "trans": ("iuf", 3), "meta": ("U", 0)}
+        for name, (kind, ndim) in kinds.items():
+            if name in z and (z[name].dtype.kind not in kind or z[name].ndim != ndim):
+                what = {"iuf": "numbers", "iu": "integers", "U": "strings"}[kind]
+                raise PrismError(f"{path}: array {name} must hold {what} in {ndim} dimension(s), got "
+                                 f"{z[name].dtype} of shape {list(z[name].shape)}; {fix}")
+        if any(o == "" for o in z["origins"].tolist()) or (z["layers"] < 0).any():
+            raise PrismError(f"{path}: origins must be non-empty names and layers non-negative numbers; {fix}")
+        meta = _meta(str(z["meta"]), path) if "meta" in z else {}
+        try:
+            tables = cls(tuple(z["origins"].tolist()), tuple(z["layers"].tolist()), z["freq"].astype(np.float64),
+                         z["tokens"].astype(np.int64), *(z[k].astype(np.float64) if k in z else None
+                                                         for k in ("coact", "trans")), meta)
+        except PrismError as e:
+            raise PrismError(f"{path}: {str(e).removeprefix(PREFIX)}; build the tables again with "
+                             f"`prism-plan profile tables`")
+        checked_spec(meta.get("spec"), tables.layers, tables.num_experts, meta.get("top_k"), str(path))
+        return tables
+
+
+def _meta(text: str, path: Path) -> dict:
+    """The `meta` JSON of a tables file, its known fields of the right types."""
+    fix = "build the tables again with `prism-plan profile tables`"
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PrismError(f"{path}: its `meta` is not JSON ({e.msg}); {fix}")
+    if not isinstance(meta, dict):
+        raise PrismError(f"{path}: its `meta` is not a JSON object; {fix}")
+    types = {"model": (str, "a string"), "source": (str, "a string"), "top_k": (int, "a positive integer"),
+             "window": (dict, "a JSON object"), "coactivation": (bool, "true or false")}
+    for key, (kind, want) in types.items():
+        value = meta.get(key)
+        if value is not None and (type(value) is not kind or kind is int and value < 1):
+            raise PrismError(f"{path}: `meta` field {key} must be {want}, got {json.dumps(value)}; {fix}")
+    return meta
 
 
 def _pair_counts(a: np.ndarray, b: np.ndarray, num_experts: int, out: np.ndarray, upper: bool = False) -> None:
@@ -133,6 +202,11 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
             meta = t.meta
             l, e = len(meta.layers), meta.num_experts
             freq, tokens = np.zeros((0, l, e)), np.zeros(0, np.int64)
+            need = (2 * l - 1) * e * e * 8
+            if pairs and need > PAIR_BYTES_MAX:
+                raise PrismError(f"counting expert pairs of {e} experts over {l} layers needs "
+                                 f"{need / 2 ** 30:.0f} GiB; count without them (--no-pairs on the command line, "
+                                 f"pairs=False in Python)")
             if pairs:
                 coact, trans = np.zeros((l, e, e)), np.zeros((max(l - 1, 0), e, e))
         if len(t.origins) > len(origins):  # later batches may bring new origins
@@ -162,4 +236,6 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
 
 def tables_from_trace(path: str | Path, pairs: bool = True, quiet: bool = True) -> ActivationTables:
     """ActivationTables of a whole trace file, streamed batch by batch (a progress bar unless quiet)."""
+    if not open_trace(path)[0].metadata.num_rows:
+        raise PrismError(f"{path} holds no tokens; tables need at least one")
     return build_tables(track(iter_trace(path), "counting activations", quiet=quiet), pairs=pairs)

@@ -16,23 +16,17 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.model import ModelSpec
-from prism_plan.traces.dumps import dump_files, load_torch_file
-from prism_plan.traces.trace import Trace, TraceMeta
+from prism_plan.traces.dumps import dump_files, load_torch_file, read_npy, read_npz
+from prism_plan.traces.trace import Trace, TraceMeta, routing_ids
 
 
 def _requests(path: Path) -> list[tuple[str, object]]:
     """[(label, array)] of the requests in one file."""
+    fix = "save the routed experts with numpy (np.save, np.savez) or torch.save"
     if path.suffix == ".npy":
-        try:
-            return [("0", np.load(path, allow_pickle=False))]
-        except ValueError as e:
-            raise PrismError(f"{path} is not a readable .npy array ({e})")
+        return [("0", read_npy(path, ".npy array file", fix))]
     if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return [(k, z[k]) for k in z.files]
-        except ValueError as e:
-            raise PrismError(f"{path} is not a readable .npz file ({e})")
+        return list(read_npz(path, ".npz archive of arrays", fix).items())
     obj = load_torch_file(path)
     if isinstance(obj, dict):
         return [(str(k), v) for k, v in obj.items()]
@@ -54,15 +48,16 @@ def iter_vllm(src: str | Path, model: ModelSpec, origin: str | None = None) -> I
         for label, arr in _requests(path):
             where = f"{path} request {label}"
             if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
-                raise PrismError(f"{where}: expected an integer array [tokens, moe_layers, top_k]")
+                got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise PrismError(f"{where}: expected an integer array [tokens, moe_layers, top_k], got {got}")
             if arr.ndim != 3 or arr.shape[1:] != shape:
                 raise PrismError(f"{where}: routed experts have shape {list(arr.shape)}, model {model.name!r} needs "
                                  f"[tokens, {shape[0]}, {shape[1]}] (MoE layers only); pass the right `model`",
                                  parameters=("model",))
-            if len(arr) and (arr.min() < 0 or arr.max() >= model.num_experts):
-                raise PrismError(f"{where}: expert id outside 0..{model.num_experts - 1}")
+            experts = routing_ids(arr, model.num_experts, where, "pass the right `model`",
+                                  rows=lambda t: f" token {t}", parameters=("model",))
             n = len(arr)
             request = next_request.get(name, 0)
             next_request[name] = request + 1
             yield Trace(meta, tuple(names), np.full(n, names.index(name), np.int32), np.full(n, request, np.int64),
-                        np.arange(n, dtype=np.int32), np.zeros(n, bool), arr.astype(np.int16))
+                        np.arange(n, dtype=np.int32), np.zeros(n, bool), experts)

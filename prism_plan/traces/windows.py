@@ -22,10 +22,14 @@ from prism_plan.traces.trace import Trace, iter_trace
 UNITS = ("tokens", "requests")
 
 
+_REQUEST_KEY = np.dtype((np.void, 16))  # (origin index, request id) as one sortable 16-byte value
+
+
 def _request_starts(t: Trace, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(positions in `t` where a request not in `seen` begins, `seen` grown by them). Requests are keyed by
     (origin index, request id)."""
-    keys = (t.origin.astype(np.int64) << 40) | (t.request.astype(np.int64) & ((1 << 40) - 1))
+    pairs = np.stack([t.origin.astype(np.int64), t.request.astype(np.int64)], axis=1)
+    keys = np.ascontiguousarray(pairs).view(_REQUEST_KEY).ravel()
     uniq, first = np.unique(keys, return_index=True)
     fresh = ~np.isin(uniq, seen, assume_unique=True)
     return np.sort(first[fresh]), np.union1d(seen, uniq)
@@ -40,7 +44,7 @@ def iter_windows(batches: Iterable[Trace], size: int, unit: str = "tokens") -> I
         raise PrismError(f"window size must be at least 1 {unit}, got {size}")
     parts: list[Trace] = []
     filled = 0  # tokens or requests in the open window
-    seen = np.zeros(0, np.int64)
+    seen = np.zeros(0, _REQUEST_KEY)
     for t in batches:
         if unit == "tokens":
             marks = np.arange(t.num_tokens)  # every token counts one
