@@ -123,14 +123,16 @@ def profile_drift(trace, output, quiet, as_json, windows, window_tokens, shift, 
 @click.option("--time-limit", type=POSITIVE_SECONDS, help="Seconds for the whole solve [default: no limit].")
 @click.option("--min-replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Copies per expert.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of randomised solvers.")
+@click.option("--max-iterations", type=click.IntRange(min=0), help="Neighbourhoods local-search examines: the plan "
+              "then depends on --seed only, never on time [default: until --time-limit or no move helps].")
 @outputs("Plan to write (.json).")
 def solve(tables, cluster, model, objective, solver, backend, trace, concurrency, start, time_limit, min_replicas,
-          seed, output, quiet, as_json) -> None:
+          seed, max_iterations, output, quiet, as_json) -> None:
     """Solve for a placement and write the plan."""
     with spinner(f"solving ({solver}, {objective})", quiet):
         plan = solve_placement(tables, cluster, model, solver=solver, objective=objective, time_limit=time_limit,
                                min_replicas=min_replicas, seed=seed, backend=backend, trace=trace,
-                               concurrency=concurrency, start=start)
+                               concurrency=concurrency, start=start, max_iterations=max_iterations)
     plan.save(output)
     say(as_json, {"path": str(output), **plan.summary()}, describe_plan(plan, output))
 

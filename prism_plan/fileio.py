@@ -243,13 +243,32 @@ def read_user_text(path: str | os.PathLike, what: str) -> str:
         raise PrismError(f"cannot read {what} {path}: {e}")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's dict; a key given twice (json keeps the last one silently) is an error."""
+    d = dict(pairs)
+    if len(d) < len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return d
+
+
 def read_user_json(path: str | os.PathLike, what: str, error: type[PrismError] = PrismError) -> object:
-    """The parsed JSON of a file the user named; `error` (one line) when it is missing or not JSON."""
+    """The parsed JSON of a file the user named; `error` (one line) when it is missing, not JSON, or gives a key
+    twice."""
     text = read_user_text(path, what)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
         raise error(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
+    except _DuplicateKey as e:
+        raise error(f"{path} gives the key {e.key!r} twice in one object; keep one")
+    except RecursionError:
+        raise error(f"{path} nests too deeply; it is not a {what}")
 
 
 def check_header(d: object, fmt: str, version: int, what: str, where: str, error: type[PrismError],

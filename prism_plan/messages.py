@@ -37,9 +37,10 @@ def describe_drift(s: dict) -> str:
 
 def describe_plan(plan: Plan, path) -> str:
     """The solver's evidence (a weak bound said so) and the plan's local coverage."""
-    s = plan.solver
+    s, seconds = plan.solver, plan.timing.get("solve_seconds")
     bound = "n/a" if s["bound"] is None else format(s["bound"], ".6g")
-    return (f"wrote {path}: {s['name']} {s['status']} in {s['seconds']:.3f} s; {plan.objective} "
+    took = "" if seconds is None else f" in {seconds:.3f} s"
+    return (f"wrote {path}: {s['name']} {s['status']}{took}; {plan.objective} "
             f"{s['objective']:.6g} ({s['measure']}), {'bound (weak)' if s.get('weak_bound') else 'bound'} {bound}, "
             f"gap {percent(s['gap'], 3)}; local coverage {percent(plan.metrics['local_coverage'])}")
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from prism_plan.errors import PrismError
 from prism_plan.fileio import loaded
+from prism_plan.placement.checks import number
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.metrics import coverage_metrics
 from prism_plan.placement.migration import MigrationPlan, plan_migration
@@ -46,7 +45,8 @@ def make_plan(problem: PlacementProblem, result: SolveResult) -> Plan:
     metrics["memory_bytes"] = dict(zip(cluster.names, problem.memory(result.hosted).tolist()))
     plan = Plan(model, tuple(cluster.names), tuple(tables.origins), result.hosted, routing,
                 result.objective_name, result.evidence(), metrics,
-                {"tables_sha256": tables.sha256(), "cluster_sha256": cluster.sha256()}, problem.min_replicas)
+                {"tables_sha256": tables.sha256(), "cluster_sha256": cluster.sha256()}, problem.min_replicas,
+                timing=result.timing())
     plan.check(cluster)
     return plan
 
@@ -61,12 +61,14 @@ def solve_problem(problem: PlacementProblem, solver: str = "exact", *, objective
 def solve_placement(tables: TablesLike, cluster: ClusterLike, model: ModelSpec | str | Path | None = None, *,
                     solver: str = "exact", objective: str = "coverage", time_limit: float | None = None,
                     min_replicas: int = 1, seed: int = 0, backend: str | None = None, trace: Trace | str | Path | None = None,
-                    concurrency: int = 1, start: PlanLike | None = None) -> Plan:
+                    concurrency: int = 1, start: PlanLike | None = None, max_iterations: int | None = None) -> Plan:
     """Solve for a placement of the model's experts on `cluster` under the activations in `tables`.
 
     model: default the one the tables were recorded from. time_limit: seconds for the whole solve (None: no
     limit). backend: the MILP back end of exact (highs, scip, cbc). trace: the Trace behind `tables`, needed by
     objectives judged by replaying it (traffic, simulated_ttft). start: a plan local-search improves.
+    max_iterations: neighbourhoods local-search examines (None: until the time limit or no move helps); with it
+    the result depends on the seed only, never on the time.
     """
     get_objective(objective)
     options = {"time_limit": time_limit, "seed": seed}
@@ -74,6 +76,8 @@ def solve_placement(tables: TablesLike, cluster: ClusterLike, model: ModelSpec |
         options["backend"] = backend
     if start is not None:
         options["start"] = None
+    if max_iterations is not None:
+        options["max_iterations"] = max_iterations
     get_solver(solver, **options)  # checks the solver's options before any input is read
     tables, cluster = loaded(tables, ActivationTables), loaded(cluster, ClusterSpec)
     model = None if model is None else resolve_model(model)
@@ -106,8 +110,7 @@ def migrate_placement(plan: PlanLike, tables: TablesLike, cluster: ClusterLike, 
         raise PrismError(f"migrate re-plans for coverage or latency, not {objective!r}: pass `objective` as one of "
                          f"them", parameters=("objective",))
     for name, value in (("move_cost", move_cost), ("min_gain", min_gain)):
-        if not np.isfinite(value) or value < 0:
-            raise PrismError(f"`{name}` must be a non-negative number, got {value!r}", parameters=(name,))
+        number(value, f"`{name}`", low=0.0, parameters=(name,))
     plan.check_servers(cluster)
     r = plan.min_replicas if min_replicas is None else min_replicas
     problem = build_problem(tables, cluster, plan.model, min_replicas=r)

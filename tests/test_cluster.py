@@ -49,22 +49,73 @@ def test_one_way_link():
 
 @pytest.mark.parametrize("doc, message", [
     ({"server": [server("a"), server("a")]}, "duplicate server name"),
-    ({"server": [server("a", -1.0)]}, "memory_gib.*non-negative"),
+    ({"server": [server("a", -1.0)]}, "memory_gib` must be a finite number from 0 to"),
     ({"server": [server("a", origins=["x"]), server("b", origins=["x"])]}, "origin 'x' is already served"),
-    ({"server": [server("a")], "link": [{"a": "a", "b": "zz", "bandwidth_gbps": 1}]}, "unknown server 'zz'"),
+    ({"server": [server("a")], "link": [{"a": "a", "b": "zz", "bandwidth_gbps": 1}]}, "`b` must name a server, got 'zz'"),
     ({"server": [server("a"), server("b")], "link": [{"a": "a", "b": "b", "bandwidth_gbps": 0}]},
-     "bandwidth_gbps.*positive"),
+     "bandwidth_gbps` must be a finite number from 1e-06"),
     ({"server": [server("a", memroy_gib=3)]}, "unknown key"),
     ({"server": []}, "no servers"),
     ({"server": [server("a"), server("b"), server("c")], "link": [{"a": "a", "b": "b", "bandwidth_gbps": 1}]},
      "no link or path"),
-    ({"server": [server("a", compute_tflops=0)]}, "compute_tflops.*positive"),
+    ({"server": [server("a", compute_tflops=0)]}, "compute_tflops` must be a finite number from 1e-06"),
     ({"server": [server("a"), server("b")], "matrix": {"bandwidth_gbps": [[0, 1]], "latency_ms": [[0, 0], [0, 0]]}},
-     "shape"),
+     "2 x 2 list of lists"),
 ])
 def test_validation_errors(doc, message):
     with pytest.raises(PrismError, match=message):
         parse_cluster(doc)
+
+
+TWO = [server("a"), server("b")]
+LINK = {"a": "a", "b": "b", "bandwidth_gbps": 1.0, "latency_ms": 1.0}
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"server": [server("a", float("nan"))]}, "server 'a': `memory_gib` must be a finite number"),
+    ({"server": [server("a", 1e30)]}, "`memory_gib` must be a finite number from 0 to 1e\\+06, got 1e\\+30"),
+    ({"server": [server("a", True)]}, "`memory_gib` must be a finite number .*got True"),
+    ({"server": [server("a", "8")]}, "`memory_gib` must be a finite number .*got '8'"),
+    ({"server": [server("a", compute_tflops=float("inf"))]}, "`compute_tflops` must be a finite number"),
+    ({"server": TWO, "defaults": {"bandwidth_gbps": float("nan")}}, r"\[defaults\]: `bandwidth_gbps` must be a finite"),
+    ({"server": TWO, "defaults": {"latency_ms": -1}}, r"\[defaults\]: `latency_ms` must be a finite number from 0"),
+    ({"server": TWO, "link": [{**LINK, "latency_ms": float("nan")}]}, r"link #1 \('a'-'b'\): `latency_ms`"),
+    ({"server": TWO, "link": [{**LINK, "one_way": "yes"}]}, "`one_way` must be true or false, got 'yes'"),
+    ({"server": TWO, "link": [{**LINK, "one_way": 1}]}, "`one_way` must be true or false, got 1"),
+    ({"server": TWO, "link": [LINK, {**LINK, "bandwidth_gbps": 5.0}]},
+     "link #1 already sets 'a' -> 'b' \\(with other values\\); list each pair once"),
+    ({"server": TWO, "link": [LINK, dict(LINK)]}, "with the same values"),
+    ({"server": TWO, "link": [LINK, {**LINK, "a": "b", "b": "a", "one_way": True}]}, "link #1 already sets 'b' -> 'a'"),
+    ({"server": TWO, "link": [{"b": "b", "bandwidth_gbps": 1.0}]}, "`a` must name a server, got None"),
+    ({"server": TWO, "link": {"a": "a"}}, "must be written as \\[\\[link\\]\\] tables"),
+    ({"server": [1, 2]}, "must be written as \\[\\[server\\]\\] tables"),
+    ({"server": TWO, "defaults": 5}, r"\[defaults\]: must be a table"),
+    ({"server": TWO, "name": 4}, "`name` must be a non-empty string, got 4"),
+    ({"server": [server("")]}, "server #1: `name` must be a non-empty string"),
+    ({"server": [server("a", origins=["x", "x"])]}, "origin 'x' is twice"),
+    ({"server": TWO, "matrix": {"bandwidth_gbps": [[0, float("nan")], [1, 0]], "latency_ms": [[0, 0], [0, 0]]}},
+     "`bandwidth_gbps` row 1 column 2 \\('a' -> 'b'\\) must be a finite number"),
+    ({"server": TWO, "matrix": {"bandwidth_gbps": [[0, "1"], [1, 0]], "latency_ms": [[0, 0], [0, 0]]}},
+     "row 1 column 2 .*got '1'"),
+    ({"server": TWO, "matrix": {"bandwidth_gbps": [[0, 1], [1, 0]], "latency_ms": [[0, 1e30], [0, 0]]}},
+     "`latency_ms` row 1 column 2"),
+    ({"server": TWO, "matrix": {"bandwidth_gbps": [[float("nan"), 1], [1, 0]], "latency_ms": [[0, 0], [0, 0]]}},
+     "row 1 column 1 .*must be a number"),
+    ({"server": TWO, "matrix": {"bandwidth_gbps": [[0, 1], [1, 0]], "latency_ms": [[0, 0], [0, 0]]},
+      "link": [LINK]}, "drop the \\[\\[link\\]\\] and \\[defaults\\] tables or the \\[matrix\\]"),
+])
+def test_numbers_types_and_duplicates_are_refused(doc, message):
+    with pytest.raises(PrismError, match=message):
+        parse_cluster(doc)
+
+
+def test_opposite_one_way_links_and_an_infinite_diagonal_are_fine():
+    c = parse_cluster({"server": TWO, "link": [{**LINK, "one_way": True},
+                                               {**LINK, "a": "b", "b": "a", "one_way": True, "latency_ms": 3.0}]})
+    assert c.latency[0, 1] == pytest.approx(1e-3) and c.latency[1, 0] == pytest.approx(3e-3)
+    c = parse_cluster({"server": TWO, "matrix": {"bandwidth_gbps": [[float("inf"), 1], [1, float("inf")]],
+                                                 "latency_ms": [[0, 0], [0, 0]]}})
+    assert c.bandwidth[0, 1] == 1e9 / 8
 
 
 def test_file_errors(tmp_path):
@@ -73,6 +124,9 @@ def test_file_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[[server]\nname=")
     with pytest.raises(PrismError, match="not valid TOML"):
+        load_cluster(bad)
+    bad.write_text('[[server]]\nname = "a"\nmemory_gib = nan\n')
+    with pytest.raises(PrismError, match=f"^{bad}: server 'a': `memory_gib`"):
         load_cluster(bad)
 
 

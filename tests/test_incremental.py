@@ -5,7 +5,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from prism_plan.errors import InfeasibleError
+from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.studies.bundled import BUNDLED_TRACE
 from prism_plan.pipeline import make_plan, migrate_placement
 from prism_plan.placement.cluster import parse_cluster
@@ -198,3 +198,22 @@ def test_a_latency_move_cost_moves_less(esft_tables, edge4, dsv2, monkeypatch):
         assert (problem.memory(res.hosted) <= problem.budget).all() and res.bound <= res.objective * (1 + 1e-9)
         copied[weight] = res.extra["copied_bytes"]
     assert copied[1.0] < 0.5 * copied[0.0]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"move_cost": float("nan")}, "`move_cost` must be a finite number of at least 0, got nan"),
+    ({"move_cost": float("inf")}, "got inf"),
+    ({"move_cost": -1.0}, "got -1.0"),
+    ({"move_cost": True}, "got True"),
+    ({"move_cost": "1"}, "got '1'"),
+    ({"budget_bytes": float("nan")}, "`budget_bytes` must be an integer of at least 0, got nan"),
+    ({"budget_bytes": float("inf")}, "got inf"),
+    ({"budget_bytes": 3.7}, "got 3.7"),
+    ({"budget_bytes": -1}, "got -1"),
+    ({"seed": -1}, "`seed` must be an integer of at least 0"),
+    ({"time_limit": float("inf")}, "`time_limit` must be a positive number"),
+])
+def test_incremental_options_are_checked(options, message):
+    with pytest.raises(PrismError, match=message) as e:
+        IncrementalSolver(np.zeros((2, 1, 2), bool), **options)
+    assert e.value.parameters == tuple(options)

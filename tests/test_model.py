@@ -79,3 +79,68 @@ def test_per_layer_expert_bytes():
     assert m.routed_bytes == 4 * 60
     with pytest.raises(PrismError, match="one value per layer"):
         ModelSpec("m", (0, 1), 4, 2, (10,), 8)
+
+
+GOOD = {"name": "m", "layers": [0, 1], "num_experts": 4, "top_k": 2, "expert_bytes": 10, "hidden_size": 8}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"layers": 5}, "`layers` must be a non-empty list"),
+    ({"layers": []}, "`layers` must be a non-empty list"),
+    ({"layers": [0, "1"]}, "every MoE layer number must be an integer from 0 to 10000, got '1'"),
+    ({"layers": [0, 1.0]}, "got 1.0"),
+    ({"layers": [-1, 0]}, "got -1"),
+    ({"layers": [1, 1]}, "MoE layer numbers repeat"),
+    ({"num_experts": 0}, "`num_experts` must be an integer from 1 to 32768, got 0"),
+    ({"num_experts": 4.0}, "got 4.0"),
+    ({"top_k": True}, "`top_k` .* got True"),
+    ({"top_k": 5}, "`top_k` .* from 1 to 4, got 5"),
+    ({"expert_bytes": 0}, "`expert_bytes` must be an integer from 1"),
+    ({"expert_bytes": 2**50}, "`expert_bytes` must be an integer from 1"),
+    ({"expert_bytes": [10, "20"]}, "every `expert_bytes` value"),
+    ({"hidden_size": -8}, "`hidden_size` must be an integer from 1"),
+    ({"act_bytes": 0}, "`act_bytes` must be an integer from 1 to 8"),
+    ({"shared_experts": -1}, "`shared_experts`"),
+    ({"num_hidden_layers": 1}, r"`num_hidden_layers` \(0: the last MoE layer \+ 1\) must be an integer from 2"),
+    ({"expert_flops": -1}, "`expert_flops`"),
+    ({"family": None}, "`family` must be a string"),
+    ({"name": 3}, "`name` must be a non-empty string"),
+])
+def test_model_descriptions_need_exact_types_and_sane_sizes(change, message):
+    with pytest.raises(PrismError, match=message) as e:
+        ModelSpec.from_dict({**GOOD, **change}, "f.json", "fix it")
+    assert str(e.value).startswith("f.json: ") and str(e.value).endswith("; fix it")
+    assert ModelSpec.from_dict(GOOD).num_hidden_layers == 2
+    with pytest.raises(PrismError, match="f.json: model description lacks hidden_size"):
+        ModelSpec.from_dict({k: v for k, v in GOOD.items() if k != "hidden_size"}, "f.json")
+
+
+MIXTRAL = {"model_type": "mixtral", "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+           "hidden_size": 8, "intermediate_size": 16, "dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_hidden_layers": "2"}, "`num_hidden_layers` must be an integer from 1 to 10000, got '2'"),
+    ({"num_local_experts": 4.5}, "`num_local_experts` must be an integer from 1 to 32768, got 4.5"),
+    ({"num_experts_per_tok": 5}, "`num_experts_per_tok` must be an integer from 1 to 4, got 5"),
+    ({"hidden_size": 0}, "`hidden_size` must be an integer from 1"),
+    ({"intermediate_size": False}, "`intermediate_size` must be an integer"),
+    ({"dtype": "float13"}, "unknown weight dtype 'float13'"),
+    ({"dtype": {"a": 1}}, "unknown weight dtype"),
+    ({"quantization_config": "fp8"}, "`quantization_config` must be an object"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}, "`weight_block_size` must be"),
+    ({"moe_layers": [0, 9]}, "every `moe_layers` value must be an integer from 0 to 1"),
+    ({"first_k_dense_replace": 2}, "none of its 2 layers is a MoE layer"),
+    ({"first_k_dense_replace": "1"}, "`first_k_dense_replace` must be an integer"),
+    ({"decoder_sparse_step": 0}, "`decoder_sparse_step` must be an integer from 1 to"),
+    ({"text_config": [1]}, "`text_config` must be an object"),
+    ({"model_type": 7}, "`model_type` must be a string"),
+])
+def test_configs_with_wrong_types_name_the_file(tmp_path, change, message):
+    (tmp_path / "config.json").write_text(json.dumps({**MIXTRAL, **change}))
+    with pytest.raises(PrismError, match=message) as e:
+        resolve_model(str(tmp_path))
+    assert str(e.value).startswith(str(tmp_path / "config.json"))
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(PrismError, match="must be a JSON object"):
+        resolve_model(str(tmp_path))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prism_plan.cli import main
-from prism_plan.errors import PrismError
+from prism_plan.errors import PrismError, TimeLimitError
 from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 from prism_plan.pipeline import make_plan
 from prism_plan.placement.simulator import simulate
@@ -138,3 +138,41 @@ def test_time_limit_is_kept_by_the_milp(replay_problem):
     assert res.seconds < 10
     assert res.status in ("optimal", "feasible", "timeout")
     assert res.gap is None or res.gap >= 0
+
+
+def test_local_search_with_max_iterations_is_the_same_on_every_run(replay_problem, monkeypatch):
+    start = get_solver("eplb").solve(replay_problem).hosted
+    search = lambda **kw: get_solver("local-search", start=start, **kw).solve(replay_problem, "traffic")  # noqa: E731
+    runs = [search(max_iterations=12, time_limit=t) for t in (None, 600.0, 300.0)]
+    assert all(np.array_equal(r.hosted, runs[0].hosted) and r.objective == runs[0].objective for r in runs)
+    assert not np.array_equal(search(max_iterations=3).hosted, runs[0].hosted)  # the iterations are the bound
+    assert np.array_equal(search(max_iterations=0).hosted, start)
+    # On a machine too slow for the iterations asked within the limit, the search fails rather than differ.
+    from prism_plan.solvers import deadline
+    clock = iter(np.arange(0.0, 1e6, 1.0))
+    monkeypatch.setattr(deadline.time, "perf_counter", lambda: next(clock))
+    with pytest.raises(TimeLimitError, match=r"after \d+ of `max_iterations` 12 iterations; raise `time_limit`"):
+        search(max_iterations=12, time_limit=5.0)
+    assert search(time_limit=5.0).status == "heuristic"  # without max_iterations it stops with what it has
+
+
+def test_local_search_start_cut_by_the_clock_is_an_error_with_max_iterations(replay_problem):
+    with pytest.raises(TimeLimitError, match="same result on every run, but its start"):
+        get_solver("local-search", max_iterations=5, time_limit=0.01).solve(replay_problem, "simulated_ttft")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_iterations": -1}, "`max_iterations` must be an integer of at least 0, got -1"),
+    ({"max_iterations": 2.5}, "got 2.5"),
+    ({"max_iterations": True}, "got True"),
+    ({"candidates": 0}, "`candidates` must be an integer of at least 1"),
+    ({"seed": -1}, "`seed` must be an integer of at least 0, got -1"),
+    ({"seed": 1.0}, "`seed` must be an integer"),
+    ({"time_limit": float("inf")}, "`time_limit` must be a positive number"),
+    ({"time_limit": float("nan")}, "`time_limit` must be a positive number"),
+    ({"time_limit": "5"}, "`time_limit` must be a positive number"),
+])
+def test_local_search_options_are_checked(options, message):
+    with pytest.raises(PrismError, match=message) as e:
+        get_solver("local-search", **options)
+    assert set(e.value.parameters) <= set(options)

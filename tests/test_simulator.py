@@ -136,6 +136,18 @@ def test_unknown_origin_is_a_clear_error():
         simulate(plan, trace([1], [0], [[[0, 1], [0, 1]]]), cl)
 
 
+def test_an_empty_trace_or_a_bad_concurrency_is_refused():
+    cl = cluster()
+    plan = plan_for(split_hosted(), cl)
+    with pytest.raises(PrismError, match="the trace holds no tokens, so there is nothing to replay"):
+        simulate(plan, trace([], [], np.zeros((0, 2, 2))), cl)
+    one = trace([0], [0], [[[0, 1], [0, 1]]])
+    for bad in (True, 0, 1.0, "2"):
+        with pytest.raises(PrismError, match="`concurrency` must be an integer of at least 1") as e:
+            simulate(plan, one, cl, concurrency=bad)
+        assert e.value.parameters == ("concurrency",)
+
+
 def test_simulate_cli(tmp_path, capsys, esft_tables, edge4, dsv2):
     from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
     from prism_plan.pipeline import solve_placement

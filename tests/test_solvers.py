@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -173,3 +174,24 @@ def test_mismatched_inputs(esft_tables, edge4):
 def test_unknown_solver():
     with pytest.raises(PrismError, match="unknown solver"):
         get_solver("magic")
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("random", {"seed": -1}, "`seed` must be an integer of at least 0, got -1"),
+    ("random", {"seed": 2.0}, "got 2.0"),
+    ("random", {"seed": True}, "got True"),
+    ("exact", {"warm_start": "no"}, "`warm_start` must be True or False"),
+    ("exact", {"time_limit": float("nan")}, "`time_limit` must be a positive number"),
+    ("greedy", {"time_limit": -1}, "`time_limit` must be a positive number"),
+])
+def test_solver_options_are_checked(name, options, message):
+    with pytest.raises(PrismError, match=message):
+        get_solver(name, **options)
+
+
+@pytest.mark.parametrize("solver", ["exact", "random"])
+def test_two_runs_give_the_same_plan_file_but_for_its_timing(esft_tables, edge4, dsv2, solver):
+    runs = [json.loads(solve_placement(esft_tables, edge4, dsv2, solver=solver, seed=3).to_json()) for _ in range(2)]
+    assert "seconds" not in runs[0]["solver"]
+    assert [{k: v for k, v in d.items() if k != "timing"} for d in runs] == [
+        {k: v for k, v in runs[0].items() if k != "timing"}] * 2

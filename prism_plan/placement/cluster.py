@@ -19,6 +19,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.fileio import bundled_or_given, read_user_text
+from prism_plan.placement.checks import is_number, number, text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,16 +116,35 @@ def _fail(where: str, msg: str) -> None:
     raise PrismError(f"{where}: {msg}")
 
 
-def _positive(where: str, table: Mapping[str, Any], key: str, allow_zero: bool = False,
-              default: float | None = None) -> float:
+# Each number a cluster file holds: its range (sane values, so that no solver sees a NaN, an infinity or a
+# magnitude its tolerances cannot handle) and what to write instead.
+_NUMBERS = {
+    "memory_gib": (0.0, 1e6, "give the server's memory for routed experts in GiB"),
+    "compute_tflops": (1e-6, 1e6, "give the server's sustained expert-FFN throughput in TFLOP/s"),
+    "bandwidth_gbps": (1e-6, 1e6, "give the bandwidth in gigabits per second"),
+    "latency_ms": (0.0, 1e6, "give the latency in milliseconds"),
+}
+
+
+def _number(where: str, table: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    """`table[key]` (or `default`) checked against its range in _NUMBERS."""
     value = table.get(key, default)
     if value is None:
-        _fail(where, f"missing `{key}`")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(where, f"`{key}` must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        _fail(where, f"`{key}` must be {'non-negative' if allow_zero else 'positive'}, got {value}")
-    return float(value)
+        _fail(where, f"missing `{key}`; {_NUMBERS[key][2]}")
+    low, high, fix = _NUMBERS[key]
+    return number(value, f"{where}: `{key}`", low=low, high=high, fix=fix)
+
+
+def _table(where: str, value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        _fail(where, f"must be a table ({what}), got {value!r}")
+    return value
+
+
+def _tables(where: str, value: Any, header: str) -> list[Mapping[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        _fail(where, f"`{header}` must be written as [[{header}]] tables, got {value!r}")
+    return value
 
 
 def _check_keys(where: str, table: Mapping[str, Any], allowed: set[str]) -> None:
@@ -134,65 +154,79 @@ def _check_keys(where: str, table: Mapping[str, Any], allowed: set[str]) -> None
 
 
 def parse_cluster(doc: Mapping[str, Any], source: str = "cluster") -> ClusterSpec:
-    """Validate a parsed cluster document (the TOML's tables) and build a ClusterSpec."""
+    """Validate a parsed cluster document (the TOML's tables) and build a ClusterSpec. source: the file it came
+    from, named in every error (its last part is the cluster's default name)."""
     _check_keys(source, doc, _TOP_KEYS)
+    cluster_name = text(doc["name"], f"{source}: `name`", fix="name the cluster") if "name" in doc \
+        else Path(source).name
     raw_servers = doc.get("server")
-    if not raw_servers or not isinstance(raw_servers, list):
+    if not raw_servers:
         _fail(source, "no servers: add at least one [[server]] table with name and memory_gib")
     servers: list[ServerSpec] = []
     owner: dict[str, str] = {}
-    for i, raw in enumerate(raw_servers):
+    for i, raw in enumerate(_tables(source, raw_servers, "server")):
         where = f"{source}: server #{i + 1}"
         _check_keys(where, raw, _SERVER_KEYS)
-        name = raw.get("name")
-        if not isinstance(name, str) or not name:
-            _fail(where, "missing `name` (a non-empty string)")
+        name = text(raw.get("name"), f"{where}: `name`", fix="give every server a name")
         where = f"{source}: server {name!r}"
         if name in (s.name for s in servers):
             _fail(where, "duplicate server name; every server needs its own name")
-        memory = _positive(where, raw, "memory_gib", allow_zero=True)
-        compute = _positive(where, raw, "compute_tflops", default=1.0)
+        memory = _number(where, raw, "memory_gib")
+        compute = _number(where, raw, "compute_tflops", default=1.0)
         origins = raw.get("origins", [name])
         if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins):
             _fail(where, f"`origins` must be a list of names, got {origins!r}")
         for o in origins:
             if o in owner:
-                _fail(where, f"origin {o!r} is already served by server {owner[o]!r}; each origin arrives at "
-                             f"exactly one server")
+                again = "twice" if owner[o] == name else f"already served by server {owner[o]!r}"
+                _fail(where, f"origin {o!r} is {again}; each origin arrives at exactly one server, list it once")
             owner[o] = name
         servers.append(ServerSpec(name, int(round(memory * GIB)), compute, tuple(origins)))
 
     bandwidth, latency = _link_matrices(doc, [s.name for s in servers], source)
-    return ClusterSpec(tuple(servers), bandwidth, latency, name=str(doc.get("name", source)))
+    return ClusterSpec(tuple(servers), bandwidth, latency, name=cluster_name)
 
 
 def _link_matrices(doc: Mapping[str, Any], names: list[str], source: str) -> tuple[np.ndarray, np.ndarray]:
     """Pairwise bandwidth (bytes/s) and latency (s) from [matrix], or [defaults] plus [[link]] tables."""
     n = len(names)
     if "matrix" in doc:
-        return _matrix_links(doc["matrix"], names, source)
-    defaults = doc.get("defaults")
-    if defaults is not None:
-        _check_keys(f"{source}: [defaults]", defaults, _DEFAULT_KEYS)
-        bw = np.full((n, n), _positive(f"{source}: [defaults]", defaults, "bandwidth_gbps", default=10.0))
-        lat = np.full((n, n), _positive(f"{source}: [defaults]", defaults, "latency_ms", True, default=0.5))
+        if "link" in doc or "defaults" in doc:
+            _fail(source, "[matrix] gives every pair already; drop the [[link]] and [defaults] tables or the "
+                          "[matrix]")
+        return _matrix_links(_table(f"{source}: [matrix]", doc["matrix"], "bandwidth_gbps and latency_ms"),
+                             names, source)
+    if "defaults" in doc:
+        where = f"{source}: [defaults]"
+        defaults = _table(where, doc["defaults"], "bandwidth_gbps and latency_ms")
+        _check_keys(where, defaults, _DEFAULT_KEYS)
+        bw = np.full((n, n), _number(where, defaults, "bandwidth_gbps", default=10.0))
+        lat = np.full((n, n), _number(where, defaults, "latency_ms", default=0.5))
     else:
         bw, lat = np.full((n, n), np.nan), np.full((n, n), np.nan)
-    for i, raw in enumerate(doc.get("link", [])):
+    given: dict[tuple[int, int], tuple[int, float, float]] = {}  # (from, to) -> (link number, gbps, ms)
+    for i, raw in enumerate(_tables(source, doc.get("link", []), "link")):
         where = f"{source}: link #{i + 1}"
         _check_keys(where, raw, _LINK_KEYS)
-        a, b = raw.get("a"), raw.get("b")
-        for end in (a, b):
-            if end not in names:
-                _fail(where, f"unknown server {end!r}; servers are {names}")
+        for end in ("a", "b"):
+            if raw.get(end) not in names:
+                _fail(where, f"`{end}` must name a server, got {raw.get(end)!r}; servers are {names}")
+        a, b = raw["a"], raw["b"]
         if a == b:
             _fail(where, f"a link needs two different servers, got {a!r} twice")
-        where = f"{source}: link {a!r}-{b!r}"
+        one_way = raw.get("one_way", False)
+        if not isinstance(one_way, bool):
+            _fail(where, f"`one_way` must be true or false, got {one_way!r}")
+        where = f"{source}: link #{i + 1} ({a!r}-{b!r})"
         ia, ib = names.index(a), names.index(b)
-        gbps = _positive(where, raw, "bandwidth_gbps")
-        ms = _positive(where, raw, "latency_ms", allow_zero=True, default=0.0)
-        pairs = [(ia, ib)] if raw.get("one_way", False) else [(ia, ib), (ib, ia)]
-        for x, y in pairs:
+        gbps = _number(where, raw, "bandwidth_gbps")
+        ms = _number(where, raw, "latency_ms", default=0.0)
+        for x, y in [(ia, ib)] if one_way else [(ia, ib), (ib, ia)]:
+            if (x, y) in given:
+                j, old_gbps, old_ms = given[(x, y)]
+                same = "with the same values" if (old_gbps, old_ms) == (gbps, ms) else "with other values"
+                _fail(where, f"link #{j} already sets {names[x]!r} -> {names[y]!r} ({same}); list each pair once")
+            given[(x, y)] = (i + 1, gbps, ms)
             bw[x, y], lat[x, y] = gbps, ms
     np.fill_diagonal(bw, np.inf)
     np.fill_diagonal(lat, 0.0)
@@ -227,19 +261,22 @@ def _matrix_links(raw: Mapping[str, Any], names: list[str], source: str) -> tupl
     n = len(names)
     out = []
     for key in ("bandwidth_gbps", "latency_ms"):
+        shape = f"a {n} x {n} list of lists of numbers, servers in file order ({', '.join(names)})"
         if key not in raw:
-            _fail(where, f"missing `{key}` ({n} x {n} list of lists, servers in file order)")
-        try:
-            m = np.asarray(raw[key], dtype=float)
-        except (TypeError, ValueError):
-            _fail(where, f"`{key}` must be a {n} x {n} list of numbers")
-        if m.shape != (n, n):
-            _fail(where, f"`{key}` has shape {list(m.shape)}, expected [{n}, {n}] for servers {names}")
-        off = ~np.eye(n, dtype=bool)
-        if key == "bandwidth_gbps" and (m[off] <= 0).any():
-            _fail(where, "`bandwidth_gbps` must be positive between different servers")
-        if key == "latency_ms" and (m < 0).any():
-            _fail(where, "`latency_ms` must be non-negative")
+            _fail(where, f"missing `{key}`: {shape}")
+        rows = raw[key]
+        if not isinstance(rows, list) or len(rows) != n or \
+                not all(isinstance(row, list) and len(row) == n for row in rows):
+            _fail(where, f"`{key}` must be {shape}")
+        low, high, fix = _NUMBERS[key]
+        m = np.zeros((n, n))
+        for x, row in enumerate(rows):
+            for y, value in enumerate(row):
+                cell = f"`{key}` row {x + 1} column {y + 1} ({names[x]!r} -> {names[y]!r})"
+                if x != y:
+                    m[x, y] = number(value, f"{where}: {cell}", low=low, high=high, fix=fix)
+                elif not is_number(value) or np.isnan(value):  # unused: any number, inf included, means "local"
+                    _fail(where, f"{cell} must be a number, got {value!r}")
         out.append(m)
     bw, lat = out
     np.fill_diagonal(bw, np.inf)
@@ -255,4 +292,4 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PrismError(f"{path} is not valid TOML: {e}")
-    return parse_cluster(doc, source=path.name)
+    return parse_cluster(doc, source=str(path))

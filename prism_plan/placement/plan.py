@@ -15,9 +15,11 @@ import numpy as np
 
 from prism_plan.fileio import check_header, read_user_json, write_text_atomic
 from prism_plan.errors import PrismError
-from prism_plan.placement.cluster import GIB, ClusterSpec
+from prism_plan.placement.checks import integer
+from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec
+from prism_plan.units import human_bytes
 
 FORMAT = "prism-plan/plan"
 VERSION = 1
@@ -32,7 +34,9 @@ class Plan:
     """A placement.
 
     hosted: [servers, layers, experts] bool; routing: [origins, layers, experts] int, the server index that
-    serves each origin's activations of each expert. solver: status, objective, bound, gap, seconds.
+    serves each origin's activations of each expert. solver: name, status, objective, bound, gap: what two runs
+    with the same inputs and seed reproduce. timing: how long the steps took (solve_seconds), kept apart so that
+    such runs give plan files that differ only there.
     """
 
     model: ModelSpec
@@ -45,6 +49,7 @@ class Plan:
     metrics: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)
     min_replicas: int = 1
+    timing: dict = field(default_factory=dict)
 
     def memory_bytes(self) -> np.ndarray:
         """bytes: [servers], memory the plan's experts take on each server."""
@@ -89,14 +94,17 @@ class Plan:
         over = used - cluster.budgets
         if (over > 0).any():
             s = int(np.argmax(over))
-            raise PlanError(f"plan puts {used[s] / GIB:.2f} GiB of experts on server {self.servers[s]!r}, which "
-                            f"has {cluster.budgets[s] / GIB:.2f} GiB: {over[s] / GIB:.2f} GiB too much")
+            raise PlanError(f"plan puts {human_bytes(used[s])} of experts on server {self.servers[s]!r}, which has "
+                            f"{human_bytes(cluster.budgets[s])}: {human_bytes(over[s])} too much; pass the cluster the "
+                            f"plan was made for, or re-solve for this one")
 
     def summary(self) -> dict:
-        """Headline figures: the solver's evidence, local coverage, remote bytes per token, memory per server."""
+        """Headline figures: the solver's evidence, local coverage, remote bytes per token, memory per server, and
+        the timing."""
         m = self.metrics
         return {"objective": self.objective, "solver": self.solver, "local_coverage": m.get("local_coverage"),
-                "remote_bytes_per_token": m.get("remote_bytes_per_token"), "memory_bytes": m.get("memory_bytes")}
+                "remote_bytes_per_token": m.get("remote_bytes_per_token"), "memory_bytes": m.get("memory_bytes"),
+                "timing": self.timing}
 
     def to_dict(self) -> dict:
         """The JSON document (DESIGN.md, "Plan file")."""
@@ -110,7 +118,8 @@ class Plan:
                    for o, org in enumerate(self.origins)}
         return {"format": FORMAT, "version": VERSION, "model": self.model.to_dict(), "servers": list(self.servers),
                 "placement": placement, "routing": routing, "objective": self.objective, "solver": self.solver,
-                "metrics": self.metrics, "inputs": self.inputs, "constraints": {"min_replicas": self.min_replicas}}
+                "metrics": self.metrics, "inputs": self.inputs, "constraints": {"min_replicas": self.min_replicas},
+                "timing": self.timing}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -126,27 +135,86 @@ class Plan:
         write_text_atomic(path, self.to_json())
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
-        """Parse and check a plan document."""
+    def from_dict(cls, d: object, where: str = "plan") -> "Plan":
+        """Parse and check a plan document: every key of the contract with its exact type, servers and layers
+        those of the plan's own lists, expert ids integers in range; plans that keep their solve time in
+        `solver.seconds` (before `timing` was separate) read as well."""
         check_header(d, FORMAT, VERSION, "plan", where, PlanError, "re-solve")
+        fix = "re-create it with prism-plan solve"
+
+        def fail(msg: str) -> None:
+            raise PlanError(f"{where}: {msg}; {fix}")
+
+        def table(value: object, what: str) -> dict:
+            if not isinstance(value, dict):
+                fail(f"{what} must be a JSON object, got {value!r}"[:200])
+            return value
+
+        def keys(value: object, what: str, expected: list[str]) -> dict:
+            """`value` when it is an object with exactly the keys `expected` (the plan's servers, layers, ids)."""
+            value = table(value, what)
+            extra, lacking = sorted(set(value) - set(expected)), sorted(set(expected) - set(value), key=expected.index)
+            if extra:
+                fail(f"{what} names {extra[:8]}, which are not among the plan's {expected[:8]}")
+            if lacking:
+                fail(f"{what} lacks {lacking[:8]}")
+            return value
+
+        model = ModelSpec.from_dict(d.get("model"), where, fix)
+        servers = d.get("servers")
+        if not isinstance(servers, list) or not servers or not all(isinstance(x, str) and x for x in servers):
+            fail(f"`servers` must be a non-empty list of server names, got {servers!r}")
+        if len(set(servers)) != len(servers):
+            fail(f"`servers` names a server twice: {servers}")
+        layers = [str(x) for x in model.layers]
+        e_n = model.num_experts
+        hosted = np.zeros((len(servers), model.num_layers, e_n), bool)
+        placement = keys(d.get("placement"), "`placement`", servers)
+        for s, srv in enumerate(servers):
+            by_layer = keys(placement[srv], f"`placement` of {srv!r}", layers)
+            for l, key in enumerate(layers):
+                ids = by_layer[key]
+                what = f"`placement` of {srv!r} layer {key}"
+                if not isinstance(ids, list):
+                    fail(f"{what} must be a list of expert ids, got {ids!r}")
+                for e in ids:
+                    integer(e, f"{where}: every expert id in {what}", low=0, high=e_n - 1, fix=fix)
+                if len(set(ids)) != len(ids):
+                    fail(f"{what} lists an expert twice: {ids}")
+                hosted[s, l, ids] = True
+        routing_doc = table(d.get("routing", {}), "`routing`")
+        origins = tuple(routing_doc)
+        if "" in origins:
+            fail("`routing` names an origin \"\"; every origin needs a name")
+        index = {srv: i for i, srv in enumerate(servers)}
+        experts = [str(e) for e in range(e_n)]
+        routing = np.zeros((len(origins), model.num_layers, e_n), np.int64)
+        for o, org in enumerate(origins):
+            by_layer = keys(routing_doc[org], f"`routing` of origin {org!r}", layers)
+            for l, key in enumerate(layers):
+                served = keys(by_layer[key], f"`routing` of origin {org!r} layer {key}", experts)
+                for e, name in enumerate(served[x] for x in experts):
+                    if not isinstance(name, str) or name not in index:
+                        fail(f"`routing` of origin {org!r} layer {key} expert {e} names {name!r}, not one of the "
+                             f"plan's servers {servers}")
+                    routing[o, l, e] = index[name]
+        objective = d.get("objective", "coverage")
+        if not isinstance(objective, str) or not objective:
+            fail(f"`objective` must be an objective's name, got {objective!r}")
+        solver = dict(table(d.get("solver"), "`solver`"))
+        timing = dict(table(d.get("timing", {}), "`timing`"))
+        if "seconds" in solver:
+            timing.setdefault("solve_seconds", solver.pop("seconds"))
+        constraints = table(d.get("constraints", {}), "`constraints`")
+        min_replicas = integer(constraints.get("min_replicas", 1), f"{where}: `constraints.min_replicas`", low=1,
+                               high=len(servers), fix=fix)
+        plan = cls(model, tuple(servers), origins, hosted, routing, objective, solver,
+                   table(d.get("metrics", {}), "`metrics`"), table(d.get("inputs", {}), "`inputs`"), min_replicas,
+                   timing)
         try:
-            model = ModelSpec.from_dict(d["model"])
-            servers = tuple(d["servers"])
-            layers = [str(x) for x in model.layers]
-            hosted = np.zeros((len(servers), model.num_layers, model.num_experts), bool)
-            for s, srv in enumerate(servers):
-                for l, key in enumerate(layers):
-                    hosted[s, l, np.asarray(d["placement"][srv].get(key, []), dtype=np.int64)] = True
-            origins = tuple(d.get("routing", {}))
-            index = {srv: i for i, srv in enumerate(servers)}
-            routing = np.array([[[index[d["routing"][o][key][str(e)]] for e in range(model.num_experts)]
-                                 for key in layers] for o in origins], dtype=np.int64).reshape(
-                len(origins), model.num_layers, model.num_experts)
-            plan = cls(model, servers, origins, hosted, routing, d.get("objective", "coverage"), d["solver"],
-                       d.get("metrics", {}), d.get("inputs", {}), int(d.get("constraints", {}).get("min_replicas", 1)))
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise PlanError(f"{where} is malformed ({type(e).__name__}: {e}); re-create it with prism-plan solve")
-        plan.check()
+            plan.check()
+        except PlanError as e:
+            raise PlanError(f"{where}: {e}; {fix}") from None
         return plan
 
     @classmethod

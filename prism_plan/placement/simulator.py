@@ -26,6 +26,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.fileio import loaded, write_text_atomic
+from prism_plan.placement.checks import integer
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.model import ModelSpec
 from prism_plan.placement.plan import Plan
@@ -84,12 +85,19 @@ class Workload:
         return len(self.origin)
 
 
+def check_concurrency(concurrency: int) -> int:
+    """`concurrency`, once it is an integer of at least 1 (a PrismError naming it otherwise)."""
+    return integer(concurrency, "`concurrency`", low=1, fix="batch at least one request per origin and step",
+                   parameters=("concurrency",))
+
+
 def prepare_workload(trace, origins: tuple[str, ...], home: np.ndarray, concurrency: int = 1) -> Workload:
-    """Cut `trace` (a Trace) into batch steps: each origin runs its requests in id order, `concurrency` at a
-    time; prefill is one step, each decode token one more. origins/home: the origin names routing is indexed
-    by and their servers."""
-    if concurrency < 1:
-        raise PrismError(f"concurrency must be at least 1, got {concurrency}")
+    """Cut `trace` (a Trace with tokens) into batch steps: each origin runs its requests in id order,
+    `concurrency` (checked by `check_concurrency`) at a time; prefill is one step, each decode token one more.
+    origins/home: the origin names routing is indexed by and their servers."""
+    if not trace.num_tokens:  # every figure of the replay would be 0 / 0
+        raise PrismError("the trace holds no tokens, so there is nothing to replay; pass a `trace` with tokens",
+                         parameters=("trace",))
     index = {o: i for i, o in enumerate(origins)}
     missing = [o for o in trace.origins if o not in index]
     if missing:
@@ -295,10 +303,8 @@ def simulate(plan: Plan | str | Path, trace: Trace | str | Path, cluster: Cluste
     """Replay `trace` through `plan` on `cluster` (each an object or its file), `concurrency` requests per
     origin batched in one step."""
     start = time.perf_counter()
+    concurrency = check_concurrency(concurrency)
     plan, trace, cluster = loaded(plan, Plan), loaded(trace, Trace), loaded(cluster, ClusterSpec)
-    if not isinstance(concurrency, int) or concurrency < 1:
-        raise PrismError(f"`concurrency` must be a positive integer, got {concurrency!r}",
-                         parameters=("concurrency",))
     plan.check_cluster(cluster)
     plan.model.check_same_shape(trace.meta, "the trace", "replay a `trace` of the plan's model", ("trace",))
     w = prepare_workload(trace, plan.origins, cluster.homes(list(plan.origins)), concurrency)

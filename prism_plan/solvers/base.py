@@ -14,6 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from prism_plan.errors import PrismError
+from prism_plan.placement.checks import integer
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.objectives import Objective, get_objective, relative_gap
 from prism_plan.solvers.problem import PlacementProblem, Solution, check_feasible
@@ -45,10 +46,13 @@ class SolveResult:
     extra: dict = field(default_factory=dict)
 
     def evidence(self) -> dict:
-        """The `solver` section of a plan file."""
+        """The `solver` section of a plan file: what a run with the same inputs and seed reproduces."""
         return {"name": self.solver, "status": self.status, "objective": self.objective, "bound": self.bound,
-                "gap": self.gap, "seconds": round(self.seconds, 6), "measure": self.measure,
-                "weak_bound": self.weak_bound, **self.extra}
+                "gap": self.gap, "measure": self.measure, "weak_bound": self.weak_bound, **self.extra}
+
+    def timing(self) -> dict:
+        """The `timing` section of a plan file: how long the solve took, which differs between runs."""
+        return {"solve_seconds": round(self.seconds, 6)}
 
 
 def check_time_limit(time_limit: float | None) -> float | None:
@@ -76,9 +80,7 @@ class Solver(ABC):
 
     def __init__(self, *, time_limit: float | None = None, seed: int = 0) -> None:
         self.time_limit = check_time_limit(time_limit)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise PrismError(f"`seed` must be an integer, got {seed!r}", parameters=("seed",))
-        self.seed = int(seed)
+        self.seed = integer(seed, "`seed`", low=0, fix="seeds are 0, 1, 2, ...", parameters=("seed",))
 
     @abstractmethod
     def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:

@@ -41,7 +41,9 @@ class ExactSolver(Solver):
                  warm_start: bool = True) -> None:
         super().__init__(time_limit=time_limit, seed=seed)
         self.backend = check_backend(backend)
-        self.warm_start = bool(warm_start)
+        if not isinstance(warm_start, bool):
+            raise PrismError(f"`warm_start` must be True or False, got {warm_start!r}", parameters=("warm_start",))
+        self.warm_start = warm_start
 
     def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:
         if objective.name == "latency":

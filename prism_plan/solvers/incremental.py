@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from prism_plan.errors import PrismError
+from prism_plan.placement.checks import integer, number
 from prism_plan.solvers.base import Solver
 from prism_plan.solvers.coverage import solve_coverage
 from prism_plan.solvers.deadline import Deadline
@@ -47,16 +48,12 @@ class IncrementalSolver(Solver):
     def __init__(self, current: np.ndarray, *, move_cost: float = 0.0, budget_bytes: int | None = None,
                  time_limit: float | None = None, seed: int = 0, backend: str = "highs") -> None:
         super().__init__(time_limit=time_limit, seed=seed)
-        if isinstance(move_cost, bool) or not isinstance(move_cost, (int, float)) or not np.isfinite(move_cost) \
-                or move_cost < 0:
-            raise PrismError(f"`move_cost` must be a non-negative number, got {move_cost!r}",
-                             parameters=("move_cost",))
-        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float))
-                                         or not budget_bytes >= 0):
-            raise PrismError(f"`budget_bytes` must be non-negative or None, got {budget_bytes!r}",
-                             parameters=("budget_bytes",))
-        self.moves = MoveTerms(np.asarray(current, bool), float(move_cost),
-                               None if budget_bytes is None else int(budget_bytes))
+        move_cost = number(move_cost, "`move_cost`", low=0.0, fix="0 prefers the fewest moves among equal placements",
+                           parameters=("move_cost",))
+        if budget_bytes is not None:
+            budget_bytes = integer(budget_bytes, "`budget_bytes`", low=0, fix="give whole bytes, or None for no limit",
+                                   parameters=("budget_bytes",))
+        self.moves = MoveTerms(np.asarray(current, bool), move_cost, budget_bytes)
         self.backend = check_backend(backend)
 
     def objective(self, name: str) -> Objective:

@@ -7,13 +7,17 @@ same and no expert loses its last copies, so every step is feasible. Each layer'
 the experts whose activations would reach this server fastest in, the least used hosted ones out; the best
 improving swap is taken, sweeps repeat until none improves or the time is up. Starts from the latency model's
 answer within half the time (simulated_ttft) or the coverage optimum (traffic) unless given a start.
+
+A search cut by the clock depends on how fast the machine was; with `max_iterations` (neighbourhoods examined)
+the work is fixed instead and the result is the same on every run: a time limit that would cut it is an error.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from prism_plan.errors import PrismError
+from prism_plan.errors import PrismError, TimeLimitError
+from prism_plan.placement.checks import integer
 from prism_plan.placement.metrics import route
 from prism_plan.placement.simulator import layer_objective, layer_traffic, replay_layer
 from prism_plan.solvers.base import Solver
@@ -26,7 +30,12 @@ from prism_plan.solvers.problem import PlacementProblem, Solution
 
 
 class LocalSearchSolver(Solver):
-    """Swap search judged by the replayed trace, from `start` ([servers, layers, experts] bool) when given."""
+    """Swap search judged by the replayed trace, from `start` ([servers, layers, experts] bool) when given.
+
+    candidates: experts tried in and out per (server, layer); max_iterations: the most (layer, server)
+    neighbourhoods to examine (None: until no swap improves, or the time limit), after which the result is the
+    same on every run.
+    """
 
     name = "local-search"
     objectives = ("simulated_ttft", "traffic")
@@ -34,12 +43,13 @@ class LocalSearchSolver(Solver):
     summary = "swaps judged by the simulator (simulated_ttft) or replayed traffic, from the best model solution"
 
     def __init__(self, *, time_limit: float | None = None, seed: int = 0, start: np.ndarray | None = None,
-                 candidates: int = 4) -> None:
+                 candidates: int = 4, max_iterations: int | None = None) -> None:
         super().__init__(time_limit=time_limit, seed=seed)
-        if not isinstance(candidates, (int, np.integer)) or candidates < 1:
-            raise PrismError(f"`candidates` must be a positive integer, got {candidates!r}", parameters=("candidates",))
         self.start = None if start is None else np.asarray(start, bool)
-        self.candidates = int(candidates)
+        self.candidates = integer(candidates, "`candidates`", low=1, parameters=("candidates",))
+        self.max_iterations = None if max_iterations is None else integer(
+            max_iterations, "`max_iterations`", low=0, fix="give a whole number, or None to stop at the time limit",
+            parameters=("max_iterations",))
 
     def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:
         if problem.workload is None:
@@ -53,9 +63,19 @@ class LocalSearchSolver(Solver):
         if hosted is None and objective.name == "simulated_ttft":
             half = deadline.split(0.5)
             hosted = solve_latency(problem, [greedy_placement(problem, half)], deadline=half).hosted
+            self._check_uncut(half, "its start, the latency model, ran out of its half of")
         elif hosted is None:
             hosted = solve_coverage(problem, deadline=deadline).hosted
-        return Solution(improve(problem, hosted.copy(), objective.name, deadline, self.candidates), "heuristic")
+            self._check_uncut(deadline, "its start, the coverage optimum, used up")
+        return Solution(improve(problem, hosted.copy(), objective.name, deadline, self.candidates,
+                                self.max_iterations), "heuristic")
+
+    def _check_uncut(self, deadline: Deadline, what: str) -> None:
+        """With `max_iterations`, a step the clock stopped is an error: its result would differ between runs."""
+        if self.max_iterations is not None and deadline.expired():
+            raise TimeLimitError(f"local-search with `max_iterations` gives the same result on every run, but {what} "
+                                 f"`time_limit`; raise `time_limit` or pass a `start` plan",
+                                 parameters=("max_iterations", "time_limit", "start"))
 
 
 def _layer_cost(problem: PlacementProblem, hosted_l: np.ndarray, l: int, objective: str) -> float:
@@ -85,18 +105,26 @@ def _candidates(problem: PlacementProblem, hosted_l: np.ndarray, l: int, s: int,
 
 
 def improve(problem: PlacementProblem, hosted: np.ndarray, objective: str, deadline: Deadline = UNLIMITED,
-            candidates: int = 4) -> np.ndarray:
-    """Best-improvement swaps per (server, layer) until a sweep finds none or `deadline` passes.
-    objective: simulated_ttft or traffic."""
+            candidates: int = 4, max_iterations: int | None = None) -> np.ndarray:
+    """Best-improvement swaps per (server, layer) until a sweep finds none, `max_iterations` (server, layer)
+    neighbourhoods were examined, or `deadline` passes; with `max_iterations`, reaching the deadline first raises
+    TimeLimitError, so that a result never depends on time. objective: simulated_ttft or traffic."""
     s_n, l_n, _ = problem.shape
     cost = np.array([_layer_cost(problem, hosted[:, l], l, objective) for l in range(l_n)])
-    improved = True
-    while improved and not deadline.expired():
+    improved, done = True, 0
+    while improved:
         improved = False
         for l in np.argsort(-cost, kind="stable"):
             for s in range(s_n):
-                if deadline.expired():
+                if max_iterations is not None and done >= max_iterations:
                     return hosted
+                if deadline.expired():
+                    if max_iterations is None:
+                        return hosted
+                    raise TimeLimitError(f"local-search reached `time_limit` after {done} of `max_iterations` "
+                                         f"{max_iterations} iterations; raise `time_limit` or lower `max_iterations`",
+                                         parameters=("time_limit", "max_iterations"))
+                done += 1
                 ins, outs = _candidates(problem, hosted[:, l], l, s, candidates)
                 best, move = cost[l] * (1 - 1e-9), None
                 for e_in in ins:

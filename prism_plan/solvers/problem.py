@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prism_plan.errors import InfeasibleError, PrismError
+from prism_plan.placement.checks import integer
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec, model_from_meta
-from prism_plan.placement.simulator import CostModel, Workload, prepare_workload
+from prism_plan.placement.simulator import CostModel, Workload, check_concurrency, prepare_workload
 from prism_plan.traces.tables import ActivationTables
 from prism_plan.units import human_bytes
 
@@ -120,12 +121,9 @@ def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSp
     objectives judged by replaying it (its requests batched `concurrency` per origin and step, as in the
     simulator).
     """
-    if isinstance(min_replicas, bool) or not isinstance(min_replicas, (int, np.integer)) or min_replicas < 1:
-        raise PrismError(f"`min_replicas` must be an integer of at least 1, got {min_replicas!r}",
-                         parameters=("min_replicas",))
-    if not isinstance(concurrency, (int, np.integer)) or concurrency < 1:
-        raise PrismError(f"`concurrency` must be an integer of at least 1, got {concurrency!r}",
-                         parameters=("concurrency",))
+    integer(min_replicas, "`min_replicas`", low=1, fix="ask for at least one copy of every expert",
+            parameters=("min_replicas",))
+    check_concurrency(concurrency)
     model = model_from_meta(tables.meta, "the tables") if model is None else model
     if tuple(tables.layers) != tuple(model.layers) or tables.num_experts != model.num_experts:
         raise PrismError(f"tables are for layers {_span(tables.layers)} x {tables.num_experts} experts but model "
