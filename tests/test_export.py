@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 from prism_plan.cli import main
+from prism_plan.errors import PrismError
+from prism_plan.fileio import DATA_DIR
 from prism_plan.pipeline import make_plan
 from prism_plan.placement.export import (ExportError, export_plan, origin_activations, physical_layout, read_eplb,
                                          read_sglang, read_vllm_ascend, to_sglang)
 from prism_plan.solvers import build_problem, get_solver
+from prism_plan.traces.tables import ActivationTables
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,13 @@ def test_cli_export_prints_what_sglang_needs(plan, esft_tables, tmp_path, capsys
     out = capsys.readouterr().out
     assert "--ep-size 4 --ep-num-redundant-experts" in out and "second copies" in out
     assert main(["export", "--plan", str(tmp_path / "p.json"), "--format", "tensorrt", "-o", "x"]) == 2
+
+
+def test_export_options_are_checked_before_anything_is_written(plan, tmp_path):
+    for fmt in ("SGLang", "trtllm", None):
+        with pytest.raises(ExportError, match="unknown export format .*; choose one of sglang, vllm-ascend, eplb"):
+            export_plan(plan, fmt, tmp_path / "out.json")
+    other = ActivationTables.load(DATA_DIR / "tiny" / "tables-0.npz")
+    with pytest.raises(PrismError, match="the tables is for a different model: layers"):
+        export_plan(plan, "sglang", tmp_path / "out.json", tables=other)
+    assert not any(tmp_path.iterdir())
