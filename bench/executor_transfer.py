@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch.multiprocessing as mp
 
-from prism_plan.executor.launch import init_distributed
+from prism_plan.executor.group import init_distributed
 from prism_plan.executor.store import ExpertStore, expert_list, synthetic_layout
 from prism_plan.executor.transfer import apply_moves
 from prism_plan.placement.cluster import GIB, parse_cluster
@@ -26,9 +26,7 @@ from prism_plan.placement.model import resolve_model
 
 
 def _worker(rank, world, init, n, out):
-    import torch.distributed as dist
-
-    init_distributed(600.0, init, rank, world)
+    group = init_distributed(600.0, init, rank, world)
     full = resolve_model("deepseek-v2-lite")
     model = replace(full, layers=(1,), expert_bytes=int(full.layer_bytes[0]))  # one MoE layer of 64 experts
     old = np.zeros((2, model.num_layers, model.num_experts), bool)
@@ -40,14 +38,14 @@ def _worker(rank, world, init, n, out):
                        "server": [{"name": f"r{i}", "memory_gib": model.routed_bytes / GIB} for i in range(2)]})
     moves = plan_migration(old, new, c, model)
     store = ExpertStore().fill_synthetic(model, expert_list(old, rank, model.layers))
-    dist.barrier()
+    group.barrier()
     start = time.perf_counter()
-    apply_moves(store, moves, rank, lambda layer: synthetic_layout(model))
+    apply_moves(store, moves, group, lambda layer: synthetic_layout(model))
     seconds = time.perf_counter() - start
     if rank == 1:
         Path(out).write_text(f"{moves.bytes} {seconds}")
-    dist.barrier()
-    dist.destroy_process_group()
+    group.barrier()
+    group.close()
 
 
 def main() -> None:

@@ -12,11 +12,12 @@ import click
 
 from prism_plan import __version__
 from prism_plan.cli_options import (CLUSTER, CLUSTER_FILE, CONCURRENCY, FILE, Finite, Group, MODEL, NO_WEIGHTS, OUT,
-                                    Output, outputs, PLAN, POSITIVE_SECONDS, say)
+                                    Output, outputs, PLAN, POSITIVE_SECONDS, ResumableCommand, say)
 from prism_plan.errors import Interrupted, PrismError
-from prism_plan.executor.launch import apply_plan
+from prism_plan.executor.launch import apply_plan, launch
 from prism_plan.messages import (describe_drift, describe_export, describe_migration, describe_plan, describe_rank,
-                                 describe_simulation, describe_tables, describe_trace, migration_summary)
+                                 describe_ranks, describe_simulation, describe_tables, describe_trace,
+                                 migration_summary)
 from prism_plan.pipeline import migrate_placement, solve_placement
 from prism_plan.placement.cluster import GIB
 from prism_plan.placement.export import export_plan, FORMATS as EXPORT_FORMATS
@@ -196,7 +197,7 @@ def export(plan, fmt, tables, output, quiet, as_json) -> None:
     say(as_json, s, describe_export(s))
 
 
-@cli.command()
+@cli.command(cls=ResumableCommand)
 @click.option("--plan", type=FILE, required=True, help="The plan to end at (.json); with --moves, the new plan "
               "`migrate` wrote.")
 @CLUSTER
@@ -209,9 +210,15 @@ def export(plan, fmt, tables, output, quiet, as_json) -> None:
 @click.option("--timeout", type=Finite(min=1), default=300.0, show_default=True,
               help="Seconds before a stuck transfer fails.")
 @click.option("--json", "as_json", is_flag=True, help="Each rank prints one JSON line with the experts it holds.")
-def apply(plan, cluster, moves, checkpoint, journal, timeout, as_json) -> None:
-    """Apply a plan to real devices, one process per server (rank i = the plan's i-th server), under torchrun:
-    load each rank's experts, run the moves over torch.distributed (NCCL on GPUs, gloo on CPUs)."""
+@click.option("--nproc", type=click.IntRange(min=1), help="Start this many local processes, one per server, and wait "
+              "for them (no torchrun needed); ends with one summary line.")
+def apply(plan, cluster, moves, checkpoint, journal, timeout, as_json, nproc) -> None:
+    """Apply a plan to real devices, one process per server (rank i = the plan's i-th server), with --nproc or under
+    torchrun: load each rank's experts, run the moves over torch.distributed (NCCL on GPUs, gloo on CPUs)."""
+    if nproc is not None:
+        ranks = launch(nproc, plan, cluster, moves=moves, checkpoint=checkpoint, journal_dir=journal, timeout_s=timeout)
+        click.echo(json.dumps({"ranks": ranks}) if as_json else describe_ranks(ranks))
+        return
     s = apply_plan(plan, cluster, moves=moves, checkpoint=checkpoint, journal_dir=journal, timeout_s=timeout)
     click.echo(json.dumps(s) if as_json else describe_rank(s))
 
@@ -259,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="prism-plan", standalone_mode=False)
     except Interrupted as e:
-        done = ("the run had finished: its outputs are written" if e.committed else
-                "nothing was written and existing files are untouched")
-        click.echo(f"interrupted ({signal.Signals(e.signum).name}): {done}", err=True)
+        click.echo(f"interrupted ({signal.Signals(e.signum).name}): {e.note}", err=True)
         return 128 + e.signum
     except PrismError as e:
         click.echo(f"error: {e}", err=True)

@@ -63,6 +63,10 @@ class Command(click.Command):
     """A verb run as one output transaction: its outputs checked against its inputs and each other before any
     work, written only when all succeed; its library errors name its own flags instead of Python parameters."""
 
+    # What an interrupt leaves behind, for verbs whose work outlives the run (None: nothing, as the transaction
+    # removes every output).
+    interrupted_note: str | None = None
+
     def files(self, params: dict) -> tuple[list[Path], list[tuple[Path, str | None]]]:
         """(the inputs, the (output, kind) pairs) among the parsed `params`."""
         inputs, outputs = [], []
@@ -89,7 +93,10 @@ class Command(click.Command):
             with transaction() as tx:
                 return super().invoke(ctx)
         except Interrupted as e:
-            e.committed = tx is not None and tx.committed
+            if tx is not None and tx.committed:
+                e.note = "the run had finished: its outputs are written"
+            elif self.interrupted_note is not None:
+                e.note = self.interrupted_note
             raise
         except PrismError as e:
             flags = {p.name: max(p.opts, key=len) for p in self.params if isinstance(p, click.Option)}
@@ -99,6 +106,12 @@ class Command(click.Command):
             raise
         except EOFError as e:  # click would call it an abort; it is an input file that ends early
             raise PrismError(f"an input file ends early ({e or 'end of file'}); is it truncated? write it again")
+
+
+class ResumableCommand(Command):
+    """A verb whose stages are journaled, so an interrupted run resumes (apply)."""
+
+    interrupted_note = "the journals keep the stages done; run the same command again to resume"
 
 
 class Group(click.Group):

@@ -36,9 +36,10 @@ class TimeLimitError(PrismError):
 
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that no `except Exception` in a
-    solver swallows it; the run stops and removes what it wrote. committed: the outputs were already in place."""
+    solver swallows it; the run stops and removes what it wrote. note: what the run leaves behind, for the
+    user."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-        self.committed = False
+        self.note = "nothing was written and existing files are untouched"

@@ -73,6 +73,14 @@ def describe_rank(s: dict) -> str:
     return f"rank {s['rank']} ({s['server']}): holds {len(s['experts'])} experts, sha256 {s['sha256'][:16]}..."
 
 
+def describe_ranks(ranks: list[dict]) -> str:
+    """One line for a launched `apply`: the stages run and what each server holds."""
+    s = ranks[0]
+    stages = f"{s['stages']} stage(s)" + (f", resumed after stage {s['resumed_from']}" if s["resumed_from"] else "")
+    held = ", ".join(f"{r['server']} {len(r['experts'])} experts (sha256 {r['sha256'][:12]}...)" for r in ranks)
+    return f"applied on {len(ranks)} ranks: {stages}; {held}"
+
+
 def describe_simulation(result: SimulationResult) -> list[str]:
     """Latency and traffic of a replay, then each server's load."""
     s = result.summary()

@@ -1,12 +1,16 @@
 """The torch executor on CPU: selective loading, MigrationPlans applied over gloo by 2-3 spawned ranks (bit-
-identical experts, corrupt transfers refused, a killed rank resumed from its journal), the distributed MoE
-forward against the model's own experts and the simulator's byte count, and `prism-plan apply` under torchrun."""
+identical experts, corrupt transfers refused, a killed rank named by the survivors and resumed from its journal),
+the distributed MoE forward against the model's own experts and the simulator's byte count, `prism-plan apply`
+under torchrun and launched with `launch` (one line for a lost peer, a peer that never starts, a garbage journal,
+an interrupt), and an edited moves file refused before any rank starts."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +20,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 mp = pytest.importorskip("torch.multiprocessing")
 
-from prism_plan.executor.launch import init_distributed  # noqa: E402
+from prism_plan.errors import PrismError  # noqa: E402
+from prism_plan.executor.group import init_distributed  # noqa: E402
+from prism_plan.executor.launch import launch, run_ranks, summarize  # noqa: E402
+from prism_plan.messages import describe_ranks  # noqa: E402
 from prism_plan.executor.moe import DistributedMoE  # noqa: E402
 from prism_plan.executor.store import ExpertStore, expert_list, index_checkpoint  # noqa: E402
 from prism_plan.executor import transfer  # noqa: E402
@@ -116,12 +123,12 @@ def swap_case(spec):
 def _apply_worker(rank, world, init, root, moves_path, old, spec_dict, journal, corrupt_rank, die_after):
     from prism_plan.placement.model import ModelSpec
 
-    init_distributed(20.0, init, rank, world)
+    group = init_distributed(20.0, init, rank, world)
     spec = ModelSpec.from_dict(spec_dict)
     moves = MigrationPlan.load(moves_path)
     index = index_checkpoint(root / "model", spec)
     journal_file = journal / f"rank{rank}.json" if journal else None
-    first = transfer.resume_stage(journal_file, moves)
+    first = group.all_reduce_min(transfer.read_journal(journal_file, moves))
     start = moves.apply(old, first)
     store = ExpertStore().load(index, expert_list(start, rank, spec.layers))
     if rank == corrupt_rank:  # this rank's sends carry a wrong checksum
@@ -132,25 +139,18 @@ def _apply_worker(rank, world, init, root, moves_path, old, spec_dict, journal, 
         def write_then_die(path, m, r, done, s):
             write(path, m, r, done, s)
             if done == die_after[1]:
-                os._exit(1)
+                os._exit(0)  # gone without a word (exit 0, so that spawn leaves the survivors running)
         transfer._write_journal = write_then_die
     error = None
     try:
-        transfer.apply_moves(store, moves, rank, index.layout, journal_file, first)
-    except (transfer.TransferError, RuntimeError) as e:
+        transfer.apply_moves(store, moves, group, index.layout, journal_file, first)
+    except PrismError as e:
+        group.fail(e)
         error = str(e)
     digests = {f"{x},{e}": store.digest((x, e)).hex() for x, e in store.experts()}
     (root / f"rank{rank}.json").write_text(json.dumps({"experts": digests, "error": error}))
-    if error is None or "corrupt" in error:  # every rank is still there to leave with
-        leave()
-
-
-def leave():
-    """Leave the process group together (gloo aborts a process whose peers vanish mid-teardown)."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
+    if error is None:
+        group.close()
 
 
 def run_apply(root, tiny, journal=None, corrupt_rank=-1, die_after=(-1, 0)):
@@ -159,7 +159,8 @@ def run_apply(root, tiny, journal=None, corrupt_rank=-1, die_after=(-1, 0)):
     moves = plan_migration(old, new, c, spec)
     moves.save(root / "moves.json")
     ok = spawn(_apply_worker, 3, root, root / "moves.json", old, spec.to_dict(), journal, corrupt_rank, die_after)
-    held = [json.loads((root / f"rank{r}.json").read_text()) if ok else None for r in range(3)]
+    held = [json.loads((root / f"rank{r}.json").read_text()) if ok and (root / f"rank{r}.json").exists() else None
+            for r in range(3)]
     return ok, moves, old, new, held
 
 
@@ -194,9 +195,12 @@ def test_a_rank_killed_mid_apply_leaves_a_journal_a_rerun_completes(tiny, tmp_pa
     (tmp_path / "model").symlink_to(tiny[0] / "model")
     journal = tmp_path / "journal"
     journal.mkdir()
-    ok, moves, old, new, _ = run_apply(tmp_path, tiny, journal=journal, die_after=(1, 1))
-    assert not ok
+    ok, moves, old, new, held = run_apply(tmp_path, tiny, journal=journal, die_after=(1, 1))
+    assert ok
     assert json.loads((journal / "rank1.json").read_text())["completed_stages"] == 1
+    for r in (0, 2):  # the survivors name the lost rank, in the barrier after stage 1
+        assert held[r]["error"] == "stage 1: rank 1 was lost; run the same command again to resume from the journal"
+    assert held[1] is None
     ok, _, _, _, held = run_apply(tmp_path, tiny, journal=journal)
     assert ok and all(json.loads((journal / f"rank{r}.json").read_text())["completed_stages"] == len(moves.stages)
                       for r in range(3))
@@ -208,12 +212,12 @@ def test_a_rank_killed_mid_apply_leaves_a_journal_a_rerun_completes(tiny, tmp_pa
 def _forward_worker(rank, world, init, root, plan_path, spec_dict):
     from prism_plan.placement.model import ModelSpec
 
-    init_distributed(20.0, init, rank, world)
+    group = init_distributed(20.0, init, rank, world)
     spec = ModelSpec.from_dict(spec_dict)
     plan = Plan.load(plan_path)
     trace = load_trace(root / "t.parquet")
     store = ExpertStore().load(index_checkpoint(root / "model", spec), expert_list(plan.hosted, rank, spec.layers))
-    moe = DistributedMoE(store, plan.routing, spec.layers, rank, world)
+    moe = DistributedMoE(store, plan.routing, spec.layers, group)
     origin = np.array([plan.origins.index(trace.origins[o]) for o in trace.origin])
     mine = np.nonzero(origin == rank)[0]  # origin i arrives at server i
     hidden = torch.randn((trace.num_tokens, spec.num_layers, spec.hidden_size), generator=torch.Generator().manual_seed(1))
@@ -221,7 +225,7 @@ def _forward_worker(rank, world, init, root, plan_path, spec_dict):
                         torch.as_tensor(trace.weights[mine, l])).numpy() for l in range(spec.num_layers)]
     np.savez(root / f"out{rank}.npz", rows=mine, out=np.stack(outs, axis=1), payload=moe.payload_bytes,
              control=moe.control_bytes)
-    leave()
+    group.close()
 
 
 def test_distributed_forward_equals_the_model_and_its_bytes_the_simulator(tiny, tmp_path):
@@ -280,3 +284,123 @@ def test_apply_outside_torchrun_says_how_to_start_it(capsys):
     tiny = DATA / "tiny"
     code = main(["apply", "--plan", str(tiny / "plan-1.json"), "--cluster", str(tiny / "cluster.toml")])
     assert code == 2 and "torchrun --nproc-per-node" in capsys.readouterr().err
+
+
+# One command for every rank, and the faults it reports in one line.
+
+TINY = DATA / "tiny"
+RESUME = "run the same command again to resume from the journal"
+# Run in each launched rank (a sitecustomize on its PYTHONPATH): rank 1 is killed once it has committed stage 2.
+KILL_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    from prism_plan.executor import transfer
+    write = transfer._write_journal
+
+    def write_then_die(path, moves, rank, done, store):
+        write(path, moves, rank, done, store)
+        if done == 2:
+            os.kill(os.getpid(), 9)
+    transfer._write_journal = write_then_die
+"""
+
+
+def tiny_argv(tmp_path, timeout=20.0):
+    return ["apply", "--plan", str(TINY / "plan-1.json"), "--moves", str(TINY / "moves-1.json"), "--cluster",
+            str(TINY / "cluster.toml"), "--checkpoint", str(TINY / "model"), "--journal", str(tmp_path / "j"),
+            "--timeout", str(timeout), "--json"]
+
+
+def test_a_lost_peer_gives_the_survivor_one_line_and_the_rerun_resumes(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_RANK_1)
+    path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
+    runs, posts = run_ranks(tiny_argv(tmp_path), 2, 20.0, env={"PYTHONPATH": path})
+    lost = f"stage 2: rank 1 was lost; {RESUME}"
+    assert runs[1].returncode == -signal.SIGKILL
+    assert (runs[0].returncode, runs[0].stdout, runs[0].stderr) == (2, "", f"error: {lost}\n")
+    with pytest.raises(PrismError, match=lost):
+        summarize(runs, posts)
+    ranks = launch(2, TINY / "plan-1.json", TINY / "cluster.toml", moves=TINY / "moves-1.json",
+                   checkpoint=TINY / "model", journal_dir=tmp_path / "j", timeout_s=20.0)
+    plan = Plan.load(TINY / "plan-1.json")
+    index = index_checkpoint(TINY / "model", plan.model)
+    assert [(r["server"], r["resumed_from"], r["stages"]) for r in ranks] == [("s0", 2, 9), ("s1", 2, 9)]
+    for r, d in enumerate(ranks):
+        keys = expert_list(plan.hosted, r, plan.model.layers)
+        assert [tuple(x) for x in d["experts"]] == keys
+        assert d["sha256"] == ExpertStore().load(index, keys).sha256()  # exactly the planned experts
+    line = describe_ranks(ranks)
+    assert "\n" not in line and "resumed after stage 2" in line
+
+
+def test_a_peer_that_never_starts_is_named_after_the_timeout(tmp_path):
+    runs, _ = run_ranks(tiny_argv(tmp_path, timeout=2.0), 2, 2.0, ranks=[0])
+    assert runs[0].returncode == 2
+    assert runs[0].stderr == ("error: rank 1 did not start within 2 s (--timeout); start one process per server, all "
+                              "with the same command\n")
+
+
+def test_a_garbage_journal_on_rank_0_is_one_line_on_every_rank(tmp_path):
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "journal-rank0.json").write_text("garbage")
+    runs, posts = run_ranks(tiny_argv(tmp_path), 2, 20.0)
+    why = (f"journal {tmp_path / 'j' / 'journal-rank0.json'} is unreadable (JSONDecodeError); delete it to start the "
+           f"moves from the beginning")
+    assert [(r.returncode, r.stderr) for r in runs] == [(2, f"error: {why}\n"),
+                                                        (2, f"error: rank 0 could not start: {why}\n")]
+    with pytest.raises(PrismError, match=r"^rank 0: journal .* is unreadable"):
+        summarize(runs, posts)
+
+
+FAKE_RANK_1 = """
+import sys, time
+from pathlib import Path
+from prism_plan.executor.group import init_distributed
+init_distributed(30.0)
+Path(sys.argv[1]).write_text("joined")
+time.sleep(30)
+"""
+
+
+def test_an_interrupt_during_a_collective_ends_the_rank(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_RANK_1, str(tmp_path / "joined")], env={**env, "RANK": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rank0 = subprocess.Popen([sys.executable, "-m", "prism_plan.cli", *tiny_argv(tmp_path, timeout=30.0)],
+                             env={**env, "RANK": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):  # rank 1 joined: rank 0 waits for it in the all-reduce that finds the resume stage
+            if (tmp_path / "joined").exists():
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        rank0.send_signal(signal.SIGINT)
+        line = rank0.stderr.readline()
+        out, err = rank0.communicate(timeout=10)  # a guard against a hang; bench/interrupts.py measures
+    finally:
+        for p in (fake, rank0):
+            p.kill()
+            p.wait()
+    assert rank0.returncode == 130 and out == "" and err == ""
+    assert line == ("interrupted (SIGINT): the journals keep the stages done; run the same command again to "
+                    "resume\n")
+
+
+def test_an_edited_moves_file_is_refused_before_any_rank_starts(tmp_path, capsys):
+    from prism_plan.cli import main
+
+    doc = json.loads((TINY / "moves-1.json").read_text())
+    copy = next(s for st in doc["stages"] for s in st["steps"] if s["op"] == "copy")
+    copy["expert"] = (copy["expert"] + 1) % 6  # one copy's expert id changed
+    (tmp_path / "moves.json").write_text(json.dumps(doc))
+    args = ["apply", "--plan", str(TINY / "plan-1.json"), "--moves", str(tmp_path / "moves.json"), "--cluster",
+            str(TINY / "cluster.toml")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "do not start where they say" in err and "torchrun" not in err
+    start = time.monotonic()
+    with pytest.raises(PrismError, match="do not start where they say"):
+        launch(2, TINY / "plan-1.json", TINY / "cluster.toml", moves=tmp_path / "moves.json")
+    assert time.monotonic() - start < 2.0  # refused here, no rank started

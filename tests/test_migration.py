@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from prism_plan.placement.cluster import GIB, parse_cluster
 from prism_plan.placement.migration import (MigrationError, MigrationPlan, Stage, needed_copy_bytes,
-                                            plan_migration, verify_migration)
+                                            placement_sha256, plan_migration, verify_migration)
 from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.plan import Plan
 
 MIB = 2**20
 
@@ -139,6 +140,46 @@ def test_moves_file_round_trip(tmp_path):
     verify_migration(back, old, new, c)
     assert back.summary() == m.summary()
     assert back.to_dict()["stages"][0]["steps"][0]["op"] == "copy"
+    assert (back.from_placement_sha256, back.to_placement_sha256) == (placement_sha256(old), placement_sha256(new))
+    assert back.sha256() == m.sha256()
+
+
+def plan_of(hosted: np.ndarray) -> Plan:
+    """A plan of `hosted` on servers a, b, c, ... without routing."""
+    return Plan(model(hosted.shape[1], hosted.shape[2]), tuple("abcdefgh"[:len(hosted)]), (), hosted,
+                np.zeros((0,) + hosted.shape[1:], np.int64), "coverage", {})
+
+
+def test_moves_are_tied_to_their_plans():
+    old, new = hosted([[0], [1], [2]]), hosted([[1], [0], [2]])
+    c = cluster([1, 1, 2])
+    m = plan_migration(old, new, c, model())
+    assert np.array_equal(m.starting_placement(plan_of(new), c), old)
+    with pytest.raises(MigrationError, match="lead to another plan"):
+        m.starting_placement(plan_of(old), c)
+    d = m.to_dict()
+    copy = next(s for st in d["stages"] for s in st["steps"] if s["op"] == "copy")
+    copy["expert"] = (copy["expert"] + 1) % 3  # one copy's expert changed: the moves start elsewhere
+    with pytest.raises(MigrationError, match="do not start where they say"):
+        MigrationPlan.from_dict(d).starting_placement(plan_of(new), c)
+    plain = MigrationPlan(m.model, m.servers, m.stages, 1, 0, m.stage_seconds)  # made without placements
+    with pytest.raises(MigrationError, match="do not record the placements"):
+        plain.starting_placement(plan_of(new), c)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda d: d.update(version=1), "version-1 moves file"),
+    (lambda d: d["stages"][0]["steps"][0].update(expert=True), "must be an integer"),
+    (lambda d: d["stages"][0]["steps"][0].update(bytes=1), '"bytes" is 1 but'),
+    (lambda d: d["stages"][0]["steps"][0].update(dst="z"), "must be one of the servers"),
+    (lambda d: d.update(copies=7), '"copies" is 7 but its steps make'),
+])
+def test_edited_moves_files_are_refused_when_read(change, says):
+    old, new = hosted([[0], [1], [2]]), hosted([[1], [0], [2]])
+    d = plan_migration(old, new, cluster([1, 1, 2]), model()).to_dict()
+    change(d)
+    with pytest.raises(MigrationError, match=says):
+        MigrationPlan.from_dict(d, where="m.json")
 
 
 # Random small clusters and placements.

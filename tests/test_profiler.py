@@ -190,7 +190,7 @@ def test_text_prompts_with_a_tokenizer(model_dirs, tmp_path):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"origin": "a", "input_ids": [1]}\n')
-    with pytest.raises(PrismError, match="cannot load model"):
+    with pytest.raises(PrismError, match="no model folder at"):
         profile_model(tmp_path / "nothing-here", tmp_path / "p.jsonl", tmp_path / "t.parquet", quiet=True)
 
 
@@ -202,7 +202,7 @@ def test_planner_and_cli_work_without_torch(tmp_path):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
             "from prism_plan.cli import main\n"
             "assert main(['solve', '--tables', sys.argv[1], '--cluster', sys.argv[2], '-o', sys.argv[3]]) == 0\n"
-            "assert main(['apply', '--plan', sys.argv[3], '--cluster', sys.argv[2]]) == 2\n"
+            "assert main(['apply', '--plan', sys.argv[3], '--cluster', sys.argv[2], '--nproc', '4']) == 2\n"
             "sys.exit(main(['profile', 'run', 'x', '--prompts', sys.argv[4], '-o', sys.argv[3] + '.parquet']))\n")
     from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 

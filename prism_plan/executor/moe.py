@@ -14,20 +14,23 @@ from __future__ import annotations
 import numpy as np
 
 from prism_plan.executor import require_torch
+from prism_plan.executor.group import Group
 from prism_plan.executor.store import ExpertStore
 
 
 class DistributedMoE:
     """One rank's part. routing: [origins, layers, experts] serving server (Plan.routing); layers: the model's
-    layer numbers in routing order. payload_bytes / control_bytes: [servers, servers] sent from row to column."""
+    layer numbers in routing order; group: the ranks (rank = server index). payload_bytes / control_bytes:
+    [servers, servers] sent from row to column."""
 
-    def __init__(self, store: ExpertStore, routing: np.ndarray, layers, rank: int, world: int) -> None:
+    def __init__(self, store: ExpertStore, routing: np.ndarray, layers, group: Group) -> None:
         self.store = store
         self.routing = np.asarray(routing)
         self.layers = tuple(layers)
-        self.rank, self.world = rank, world
-        self.payload_bytes = np.zeros((world, world))
-        self.control_bytes = np.zeros((world, world))
+        self.group = group
+        self.rank, self.world = group.rank, group.world
+        self.payload_bytes = np.zeros((self.world, self.world))
+        self.control_bytes = np.zeros((self.world, self.world))
 
     def _experts_sum(self, layer: int, x, ids: np.ndarray, w, mine: np.ndarray):
         """sum_j w[:, j] * expert(ids[:, j])(x) over the activations where mine [tokens, k] holds."""
@@ -57,7 +60,7 @@ class DistributedMoE:
         need = [(serve == d).any(axis=1) if d != self.rank else np.zeros(len(ids), bool) for d in range(self.world)]
         counts = torch.tensor([int(n.sum()) for n in need], dtype=torch.int64)
         table = [torch.zeros(self.world, dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(table, counts)
+        self.group.all_gather(table, counts)
         table = torch.stack(table).numpy()  # [src, dst] tokens travelling
         self.control_bytes[self.rank] += np.where(np.arange(self.world) == self.rank, 0, counts.numel() * 8)
         k, h = ids.shape[1] if ids.ndim == 2 else 0, hidden.shape[1]
@@ -77,7 +80,7 @@ class DistributedMoE:
                         torch.empty((n, k), dtype=weights.dtype))
                 ops += [dist.P2POp(dist.irecv, b, d, tag=i) for i, b in enumerate(bufs)]
                 received[d] = bufs
-        self._run(ops)
+        self.group.exchange(ops)
         # Phase 2: this rank's experts on what arrived, one summed hidden state back per token.
         ops, back = [], {}
         for s, (x, rid, rw) in received.items():
@@ -88,7 +91,7 @@ class DistributedMoE:
             if d != self.rank and table[self.rank, d]:
                 back[d] = torch.empty((int(table[self.rank, d]), h), dtype=hidden.dtype)
                 ops.append(dist.P2POp(dist.irecv, back[d], d, tag=3))
-        self._run(ops)
+        self.group.exchange(ops)
         for d, y in back.items():
             out.index_add_(0, torch.as_tensor(np.nonzero(need[d])[0]), y)
         return out
@@ -96,10 +99,3 @@ class DistributedMoE:
     def _count(self, src: int, dst: int, x, w, k: int) -> None:
         self.payload_bytes[src, dst] += x.numel() * x.element_size()
         self.control_bytes[src, dst] += len(x) * k * (8 + w.element_size())
-
-    @staticmethod
-    def _run(ops) -> None:
-        import torch.distributed as dist
-
-        for req in dist.batch_isend_irecv(ops) if ops else []:
-            req.wait()

@@ -10,6 +10,7 @@ tensors, the rows) of the experts asked for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_plan.errors import PrismError
+from prism_plan.errors import MissingInputError, PrismError
 from prism_plan.executor import require_torch
 from prism_plan.placement.model import ModelSpec
 
@@ -53,19 +54,36 @@ class CheckpointIndex:
         return {k: v for (lay, k), v in self.shapes.items() if lay == layer}
 
 
+@contextlib.contextmanager
+def _opened(path: Path, device: str = "cpu"):
+    """safetensors' safe_open, its errors (a truncated or foreign file, one that cannot be read) one line."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt", device=device) as f:
+            yield f
+    except SafetensorError as e:
+        raise PrismError(f"{path} is not a readable safetensors file ({e}); is it truncated? save or download the "
+                         f"checkpoint again")
+    except OSError as e:
+        raise PrismError(f"cannot read {path}: {e.strerror or e}; check the file and its permissions")
+
+
 def index_checkpoint(folder: str | Path, model: ModelSpec) -> CheckpointIndex:
     """Index the expert tensors of a safetensors checkpoint folder (headers only)."""
     require_torch()
-    from safetensors import safe_open
-
     folder = Path(folder)
+    if not folder.exists():
+        raise MissingInputError(f"no checkpoint folder at {folder}; pass the folder `save_pretrained` wrote")
+    if not folder.is_dir():
+        raise PrismError(f"{folder} is a file; pass the checkpoint's folder (the one `save_pretrained` wrote)")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise PrismError(f"{folder} holds no .safetensors files; pass the folder `save_pretrained` wrote")
     index = CheckpointIndex(folder)
     layers = set(model.layers)
     for path in files:
-        with safe_open(str(path), "pt") as f:
+        with _opened(path) as f:
             for name in f.keys():
                 m = _EXPERT.match(name)
                 if not m or int(m.group(1)) not in layers:
@@ -120,14 +138,12 @@ class ExpertStore:
 
     def load(self, index: CheckpointIndex, wanted) -> "ExpertStore":
         """Read the experts `wanted` ([(layer, expert)], model layer numbers) from the checkpoint."""
-        from safetensors import safe_open
-
         by_file: dict[str, list[tuple[tuple[int, int], str, Source]]] = {}
         for key in sorted(set(wanted)):
             for name, src in index.sources[key].items():
                 by_file.setdefault(src.file, []).append((key, name, src))
         for file, items in by_file.items():
-            with safe_open(str(index.folder / file), "pt", device=self.device) as f:
+            with _opened(index.folder / file, self.device) as f:
                 for key, name, src in items:
                     t = f.get_tensor(src.name) if src.row is None else f.get_slice(src.name)[src.row]
                     self.tensors.setdefault(key, {})[name] = t.contiguous()

@@ -5,7 +5,8 @@ the expert's tensors in key order plus their sha256 digest, from the source rank
 checks every expert (shapes and dtypes come from the checkpoint's layout, so a wrong size fails the transfer;
 the digest must match) before anything changes; only then does it commit the stage: received experts join the
 store, the stage's evictions leave it, and a journal on disk records the stage as done (written atomically).
-A failed or corrupt transfer raises and leaves the store, and the routing built on it, as they were.
+A failed or corrupt transfer raises and leaves the store, and the routing built on it, as they were. Every wait
+goes through the Group, so a rank that is lost or stalls ends the stage on every other rank with one line.
 
 Resuming: every rank reads its journal; all ranks restart from the lowest completed stage among them. Replaying
 a stage a rank already committed is harmless: its sources were not evicted in that stage (a plan invariant),
@@ -17,12 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from prism_plan.errors import PrismError
 from prism_plan.executor import require_torch
+from prism_plan.executor.group import Group
 from prism_plan.executor.store import ExpertStore, tensor_digest
 from prism_plan.fileio import write_text_atomic
+from prism_plan.placement.checks import is_integer
 from prism_plan.placement.migration import MigrationError, MigrationPlan
 
 
@@ -30,56 +31,49 @@ class TransferError(MigrationError):
     """A transfer that failed or arrived corrupt; the stage was not committed."""
 
 
-def placement_before(moves: MigrationPlan, after: np.ndarray) -> np.ndarray:
-    """The placement the moves start from, given where they end ([servers, layers, experts] bool): the stages
-    undone in reverse (each expert a stage copies was absent before it, each it evicts was present)."""
-    out = after.copy()
-    for st in reversed(moves.stages):
-        out[st.copies[:, 3], st.copies[:, 0], st.copies[:, 1]] = False
-        out[st.evicts[:, 2], st.evicts[:, 0], st.evicts[:, 1]] = True
-    return out
-
-
 def read_journal(path: Path | None, moves: MigrationPlan) -> int:
-    """Stages already committed by this rank for these moves (0 without a journal, or one for other moves)."""
+    """Stages already committed by this rank for these moves (0 without a journal, or with one for other
+    moves); a PrismError for a journal that is not one."""
     if path is None or not path.exists():
         return 0
+    fix = "delete it to start the moves from the beginning"
     try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise PrismError(f"journal {path} is unreadable; delete it to start the moves from the beginning")
-    if d.get("from_plan_sha256") != moves.from_sha256 or d.get("to_plan_sha256") != moves.to_sha256:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PrismError(f"journal {path} is unreadable ({type(e).__name__}); {fix}")
+    if not isinstance(d, dict):
+        raise PrismError(f"journal {path} is not a prism-plan journal; {fix}")
+    if d.get("moves_sha256") != moves.sha256():
         return 0
-    return int(d.get("completed_stages", 0))
+    done = d.get("completed_stages")
+    if not is_integer(done) or not 0 <= done <= len(moves.stages):
+        raise PrismError(f"journal {path}: completed_stages must be a whole number from 0 to {len(moves.stages)}, "
+                         f"got {done!r}; {fix}")
+    return int(done)
 
 
 def _write_journal(path: Path | None, moves: MigrationPlan, rank: int, done: int, store: ExpertStore) -> None:
-    if path is not None:
-        write_text_atomic(path, json.dumps({"from_plan_sha256": moves.from_sha256, "to_plan_sha256": moves.to_sha256,
-                                            "rank": rank, "completed_stages": done, "stages": len(moves.stages),
-                                            "experts": [list(k) for k in store.experts()]}))
+    """Record `done` stages as committed, at once (`now`: not held back by the output transaction, which would
+    drop it when the run fails; the journal must outlive such a run)."""
+    if path is None:
+        return
+    write_text_atomic(path, json.dumps({"moves_sha256": moves.sha256(), "from_plan_sha256": moves.from_sha256,
+                                        "to_plan_sha256": moves.to_sha256, "rank": rank, "completed_stages": done,
+                                        "stages": len(moves.stages), "experts": [list(k) for k in store.experts()]}),
+                      now=True)
 
 
-def resume_stage(journal: Path | None, moves: MigrationPlan) -> int:
-    """The stage all ranks restart from: the lowest count of committed stages among their journals."""
-    torch = require_torch()
-    import torch.distributed as dist
-
-    done = torch.tensor([read_journal(journal, moves)], dtype=torch.int64)
-    dist.all_reduce(done, op=dist.ReduceOp.MIN)
-    return int(done.item())
-
-
-def apply_moves(store: ExpertStore, moves: MigrationPlan, rank: int, layout, journal: Path | None = None,
+def apply_moves(store: ExpertStore, moves: MigrationPlan, group: Group, layout, journal: Path | None = None,
                 start: int = 0) -> int:
-    """Run stages `start`.. of `moves` on this rank (a process in the default process group, rank = server
-    index). layout(layer) -> {key: (shape, dtype name)} of one expert's tensors. Returns stages applied."""
+    """Run stages `start`.. of `moves` on this rank (group.rank = server index). layout(layer) -> {key: (shape,
+    dtype name)} of one expert's tensors. Returns stages applied."""
     torch = require_torch()
     import torch.distributed as dist
 
-    layers = moves.model.layers
+    layers, rank = moves.model.layers, group.rank
     device = store.device
     for k in range(start, len(moves.stages)):
+        group.stage = k + 1
         st = moves.stages[k]
         ops, incoming = [], []
         sent: dict[tuple[int, int], int] = {}  # messages so far per (src, dst): their tags, in the same order on both
@@ -108,21 +102,15 @@ def apply_moves(store: ExpertStore, moves: MigrationPlan, rank: int, layout, jou
                 for t in [buffers[name] for name in names] + [digest]:
                     ops.append(dist.P2POp(dist.irecv, t, src, tag=tag(src, dst)))
                 incoming.append((key, src, buffers, digest))
-        try:
-            for req in dist.batch_isend_irecv(ops) if ops else []:
-                req.wait()
-        except RuntimeError as e:
-            raise TransferError(f"stage {k + 1}: a transfer failed ({str(e).splitlines()[0]}); the stage was not "
-                                f"committed, rerun to resume from it")
+        group.exchange(ops)
         corrupt = [(key, src) for key, src, buffers, digest in incoming
                    if tensor_digest(buffers) != bytes(digest.cpu().numpy().tobytes())]
-        ok = torch.tensor([0 if corrupt else 1], dtype=torch.int64, device=device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # commit only when every rank has its whole stage
+        ok = group.all_reduce_min(0 if corrupt else 1)  # commit only when every rank has its whole stage
         if corrupt:
             (layer, e), src = corrupt[0]
             raise TransferError(f"stage {k + 1}: expert {e} of layer {layer} from rank {src} arrived corrupt "
                                 f"(checksum mismatch); the stage was not committed, rerun to resume from it")
-        if not ok.item():
+        if not ok:
             raise TransferError(f"stage {k + 1}: another rank received a corrupt expert; the stage was not "
                                 f"committed, rerun to resume from it")
         for key, _, buffers, _ in incoming:
@@ -131,5 +119,6 @@ def apply_moves(store: ExpertStore, moves: MigrationPlan, rank: int, layout, jou
             if s == rank:
                 store.tensors.pop((int(layers[l]), int(e)), None)
         _write_journal(journal, moves, rank, k + 1, store)
-        dist.barrier()
+        group.barrier()
+    group.stage = 0
     return len(moves.stages) - start

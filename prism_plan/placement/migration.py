@@ -9,11 +9,18 @@ after another. Every plan made here passes `verify_migration`, which checks:
 2. replicas: no expert ever has fewer than `min_replicas` copies;
 3. sources: each copy reads from the holder cheapest to send from (link latency + bytes / bandwidth);
 4. result: applying every stage to the old placement gives exactly the new one.
+
+A moves file records the hashes of both placements, so that `starting_placement` can tie it to its plans: worked
+back from the plan it leads to, its steps must give the placement it records as its start (an edited step gives
+another one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,17 +28,28 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.fileio import check_header, read_user_json, write_text_atomic
+from prism_plan.placement.checks import integer, is_integer, number
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.plan import Plan
 from prism_plan.units import human_bytes
 
 FORMAT = "prism-plan/moves"
-VERSION = 1
+# 2: the placements' hashes (from_placement_sha256, to_placement_sha256), which version 1 lacked
+VERSION = 2
+REDO = "re-create it with `prism-plan migrate`"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class MigrationError(PrismError):
     """Moves that cannot be ordered safely, or a moves file that breaks an invariant."""
+
+
+def placement_sha256(hosted: np.ndarray) -> str:
+    """Hash of a placement ([servers, layers, experts] bool): its shape and the cells it hosts."""
+    doc = {"shape": list(hosted.shape), "hosted": np.argwhere(hosted).tolist()}
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -79,7 +97,8 @@ def stage_seconds(copies: np.ndarray, cluster: ClusterSpec, layer_bytes: np.ndar
 class MigrationPlan:
     """Stages that move a placement of `model` on `servers` to a new one; bytes and seconds come from the
     cluster the plan was made for. lower_bound_bytes: the bytes of copies the new placement needs at the least
-    (its experts that are not already where they must be)."""
+    (its experts that are not already where they must be). from_sha256 / to_sha256: the plans moved between
+    (set by `migrate_placement`), from_placement_sha256 / to_placement_sha256: their placements."""
 
     model: ModelSpec
     servers: tuple[str, ...]
@@ -89,6 +108,8 @@ class MigrationPlan:
     stage_seconds: list[float] = field(default_factory=list)
     from_sha256: str = ""
     to_sha256: str = ""
+    from_placement_sha256: str = ""
+    to_placement_sha256: str = ""
 
     def _all(self, attr: str) -> np.ndarray:
         width = 3 if attr == "evicts" else 4
@@ -127,6 +148,53 @@ class MigrationPlan:
             out[st.copies[:, 3], st.copies[:, 0], st.copies[:, 1]] = True
         return out
 
+    def placement_before(self, after: np.ndarray) -> np.ndarray:
+        """The placement the moves start from, given where they end: the stages undone in reverse (each expert
+        a stage copies was absent before it, each it evicts was present)."""
+        out = after.copy()
+        for st in reversed(self.stages):
+            out[st.copies[:, 3], st.copies[:, 0], st.copies[:, 1]] = False
+            out[st.evicts[:, 2], st.evicts[:, 0], st.evicts[:, 1]] = True
+        return out
+
+    def starting_placement(self, plan: Plan, cluster: ClusterSpec, where: str = "the moves",
+                           plan_where: str = "the plan") -> np.ndarray:
+        """The placement these moves start from when they lead to `plan`, once they are shown to belong to it:
+        the same model and servers, its hash and placement as their end, and, worked back from it, the start
+        they recorded; then `verify_migration` on `cluster`. Raises MigrationError naming `where` (the moves)
+        and `plan_where`."""
+        belong = f"pass the plan `prism-plan migrate` wrote with {where}, or re-create them with it"
+        if self.model.to_dict() != plan.model.to_dict():
+            raise MigrationError(f"{where} are for model {self.model.name!r} ({self.model.num_layers} MoE layers x "
+                                 f"{self.model.num_experts} experts), {plan_where} for {plan.model.name!r} "
+                                 f"({plan.model.num_layers} x {plan.model.num_experts}); {belong}")
+        if tuple(self.servers) != tuple(plan.servers):
+            raise MigrationError(f"{where} are for servers {list(self.servers)}, {plan_where} for "
+                                 f"{list(plan.servers)}; {belong}")
+        if not self.from_placement_sha256 or not self.to_placement_sha256:
+            raise MigrationError(f"{where} do not record the placements they move between, so they cannot be "
+                                 f"checked against {plan_where}; re-create them with `prism-plan migrate`")
+        if (self.to_sha256 and self.to_sha256 != plan.sha256()) or \
+                self.to_placement_sha256 != placement_sha256(plan.hosted):
+            raise MigrationError(f"{where} lead to another plan than {plan_where} (their to_plan_sha256 or "
+                                 f"to_placement_sha256 differs); {belong}")
+        _check_steps(self, plan.hosted.shape)
+        start = self.placement_before(plan.hosted)
+        if placement_sha256(start) != self.from_placement_sha256:
+            raise MigrationError(f"{where} do not start where they say: worked back from {plan_where}, their steps "
+                                 f"give another placement than their from_placement_sha256, so a step was changed "
+                                 f"after `prism-plan migrate` wrote them; re-create them with `prism-plan migrate`")
+        try:
+            verify_migration(self, start, plan.hosted, cluster)
+        except MigrationError as e:
+            raise MigrationError(f"{where} break an invariant on this cluster ({e}); re-create them with "
+                                 f"`prism-plan migrate` for this cluster") from None
+        return start
+
+    def sha256(self) -> str:
+        """Hash of the moves file's content: what a journal of their progress belongs to."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
     def summary(self) -> dict:
         return {"stages": len(self.stages), "bytes": self.bytes, "lower_bound_bytes": self.lower_bound_bytes,
                 "copies": self.num_copies, "evicts": self.num_evicts, "temporary_copies": self.temporary_copies,
@@ -144,46 +212,127 @@ class MigrationPlan:
                       for (l, e, a, b), t in zip(st.copies.tolist(), st.temporary.tolist())]
             stages.append({"seconds": secs, "steps": steps})
         return {"format": FORMAT, "version": VERSION, "from_plan_sha256": self.from_sha256,
-                "to_plan_sha256": self.to_sha256, "model": self.model.to_dict(), "servers": list(self.servers),
+                "to_plan_sha256": self.to_sha256, "from_placement_sha256": self.from_placement_sha256,
+                "to_placement_sha256": self.to_placement_sha256, "model": self.model.to_dict(),
+                "servers": list(self.servers),
                 "min_replicas": self.min_replicas, **self.summary(), "stages": stages}
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "moves") -> "MigrationPlan":
-        """Parse a moves file (stage seconds as written; check it with `verify_migration`)."""
-        check_header(d, FORMAT, VERSION, "moves file", where, MigrationError,
-                     "re-create it with `prism-plan migrate`")
-        try:
-            model = ModelSpec.from_dict(d["model"])
-            servers = tuple(d["servers"])
-            layer_index = {x: i for i, x in enumerate(model.layers)}
-            server_index = {x: i for i, x in enumerate(servers)}
-            stages, secs = [], []
-            for raw in d["stages"]:
-                ev, cp, tmp = [], [], []
-                for step in raw["steps"]:
-                    l, e = layer_index[step["layer"]], int(step["expert"])
-                    if step["op"] == "evict":
-                        ev.append((l, e, server_index[step["server"]]))
-                    elif step["op"] == "copy":
-                        cp.append((l, e, server_index[step["src"]], server_index[step["dst"]]))
-                        tmp.append(bool(step.get("temporary", False)))
-                    else:
-                        raise ValueError(f"unknown op {step['op']!r}")
-                stages.append(Stage.make(ev, cp, tmp))
-                secs.append(float(raw.get("seconds", 0.0)))
-            return cls(model, servers, stages, int(d.get("min_replicas", 1)), int(d.get("lower_bound_bytes", 0)),
-                       secs, str(d.get("from_plan_sha256", "")), str(d.get("to_plan_sha256", "")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise MigrationError(f"{where} is malformed ({type(e).__name__}: {e}); re-create it with "
-                                 f"`prism-plan migrate`")
+    def from_dict(cls, d: object, where: str = "moves") -> "MigrationPlan":
+        """Parse a moves file, checking every field's type and range, every step's layer, expert, servers and
+        bytes against the file's model and servers, and its totals against its steps (tie it to its plans with
+        `starting_placement`)."""
+        if isinstance(d, dict) and d.get("format") == FORMAT and d.get("version") == 1:
+            raise MigrationError(f"{where} is a version-1 moves file, which does not record the placement it "
+                                 f"starts from, so it cannot be checked against its plans; {REDO}")
+        check_header(d, FORMAT, VERSION, "moves file", where, MigrationError, REDO)
+        model = _checked(ModelSpec.from_dict, _get(d, "model", where), where, REDO)
+        servers = _get(d, "servers", where)
+        if not isinstance(servers, list) or not servers or not all(isinstance(x, str) and x for x in servers) \
+                or len(set(servers)) != len(servers):
+            raise MigrationError(f"{where}: \"servers\" must be a list of distinct server names, got {servers!r}; "
+                                 f"{REDO}")
+        servers = tuple(servers)
+        raw_stages = _get(d, "stages", where)
+        if not isinstance(raw_stages, list):
+            raise MigrationError(f"{where}: \"stages\" must be a list, got {raw_stages!r}; {REDO}")
+        stages, secs = [], []
+        for k, raw in enumerate(raw_stages, 1):
+            at = f"{where}, stage {k}"
+            secs.append(_checked(number, _get(raw, "seconds", at), f'{at}: "seconds"', REDO, low=0))
+            steps = _get(raw, "steps", at)
+            if not isinstance(steps, list):
+                raise MigrationError(f"{at}: \"steps\" must be a list, got {steps!r}; {REDO}")
+            stages.append(_parse_stage(steps, model, servers, at))
+        sums = {"min_replicas": _int(d, "min_replicas", where, 1, len(servers)),
+                "lower_bound_bytes": _int(d, "lower_bound_bytes", where, 0)}
+        plan = cls(model, servers, stages, sums["min_replicas"], sums["lower_bound_bytes"], secs,
+                   *(_sha256(d, key, where) for key in ("from_plan_sha256", "to_plan_sha256",
+                                                         "from_placement_sha256", "to_placement_sha256")))
+        if plan.lower_bound_bytes > plan.bytes:
+            raise MigrationError(f'{where}: "lower_bound_bytes" is {plan.lower_bound_bytes} but its steps copy only '
+                                 f"{plan.bytes} bytes; the file was edited after `prism-plan migrate` wrote it; {REDO}")
+        for key in ("bytes", "copies", "evicts", "temporary_copies", "seconds"):  # totals the steps determine
+            given, value = _checked(number, _get(d, key, where), f'{where}: "{key}"', REDO, low=0), plan.summary()[key]
+            if not math.isclose(given, value, rel_tol=1e-9, abs_tol=1e-12):
+                raise MigrationError(f'{where}: "{key}" is {given:g} but its steps make {value:g}; the file was '
+                                     f"edited after `prism-plan migrate` wrote it; {REDO}")
+        return plan
 
     @classmethod
     def load(cls, path: str | Path) -> "MigrationPlan":
         d = read_user_json(path, "moves file", MigrationError)
         return cls.from_dict(d, where=str(path))
+
+
+def _checked(check, value, what: str, fix: str, **kwargs):
+    """check(value, what, ...) (a reader of `checks` or ModelSpec.from_dict), its PrismError a MigrationError."""
+    try:
+        return check(value, what, fix=fix, **kwargs)
+    except MigrationError:
+        raise
+    except PrismError as e:
+        raise MigrationError(str(e)) from None
+
+
+def _get(d: object, key: str, where: str):
+    """d[key] of a JSON object read from a moves file, or a MigrationError naming `where`."""
+    if not isinstance(d, dict):
+        raise MigrationError(f"{where} must be a JSON object, got {d!r}; {REDO}")
+    if key not in d:
+        raise MigrationError(f'{where} has no "{key}"; {REDO}')
+    return d[key]
+
+
+def _int(d: object, key: str, where: str, low: int, high: int | None = None) -> int:
+    return _checked(integer, _get(d, key, where), f'{where}: "{key}"', REDO, low=low, high=high)
+
+
+def _sha256(d: object, key: str, where: str) -> str:
+    """A hash field: 64 hex digits, or "" for moves made without plans."""
+    value = _get(d, key, where)
+    if not isinstance(value, str) or value and not _SHA256.fullmatch(value):
+        raise MigrationError(f'{where}: "{key}" must be a sha256 (64 hex digits) or "", got {value!r}; {REDO}')
+    return value
+
+
+def _name(step: dict, key: str, servers: tuple[str, ...], at: str) -> int:
+    value = _get(step, key, at)
+    if value not in servers or not isinstance(value, str):
+        raise MigrationError(f'{at}: "{key}" must be one of the servers {list(servers)}, got {value!r}; {REDO}')
+    return servers.index(value)
+
+
+def _parse_stage(steps: list, model: ModelSpec, servers: tuple[str, ...], where: str) -> Stage:
+    """One stage's steps, each checked against the file's model (layer, expert, bytes) and servers."""
+    ev, cp, tmp = [], [], []
+    for i, step in enumerate(steps, 1):
+        at = f"{where}, step {i}"
+        op = _get(step, "op", at)
+        if op not in ("evict", "copy"):
+            raise MigrationError(f'{at}: "op" must be "evict" or "copy", got {op!r}; {REDO}')
+        layer = _get(step, "layer", at)
+        if not is_integer(layer) or layer not in model.layers:
+            raise MigrationError(f'{at}: "layer" must be one of the model\'s MoE layers {list(model.layers)}, got '
+                                 f"{layer!r}; {REDO}")
+        l = model.layers.index(layer)
+        e = _int(step, "expert", at, 0, model.num_experts - 1)
+        size = int(model.layer_bytes[l])
+        if _int(step, "bytes", at, 0) != size:
+            raise MigrationError(f'{at}: "bytes" is {step["bytes"]} but an expert of layer {layer} of model '
+                                 f"{model.name!r} has {size}; {REDO}")
+        if op == "evict":
+            ev.append((l, e, _name(step, "server", servers, at)))
+            continue
+        cp.append((l, e, _name(step, "src", servers, at), _name(step, "dst", servers, at)))
+        temporary = _get(step, "temporary", at)
+        if not isinstance(temporary, bool):
+            raise MigrationError(f'{at}: "temporary" must be true or false, got {temporary!r}; {REDO}')
+        tmp.append(temporary)
+    return Stage.make(ev, cp, tmp)
 
 
 def needed_copy_bytes(old: np.ndarray, new: np.ndarray, layer_bytes: np.ndarray) -> int:
@@ -359,7 +508,8 @@ def plan_migration(old: np.ndarray, new: np.ndarray, cluster: ClusterSpec, model
         stages.append(planner.step())
     plan = MigrationPlan(model, tuple(cluster.names), stages, min_replicas,
                          needed_copy_bytes(old, new, model.layer_bytes),
-                         [stage_seconds(st.copies, cluster, model.layer_bytes) for st in stages])
+                         [stage_seconds(st.copies, cluster, model.layer_bytes) for st in stages],
+                         from_placement_sha256=placement_sha256(old), to_placement_sha256=placement_sha256(new))
     verify_migration(plan, old, new, cluster)
     return plan
 
@@ -367,6 +517,16 @@ def plan_migration(old: np.ndarray, new: np.ndarray, cluster: ClusterSpec, model
 def _where(model: ModelSpec, names, k: int, l: int, e: int, s: int | None = None) -> str:
     at = f" on {names[s]!r}" if s is not None else ""
     return f"stage {k}: expert {e} of layer {model.layers[l]}{at}"
+
+
+def _check_steps(plan: MigrationPlan, shape: tuple[int, ...]) -> None:
+    """Raise MigrationError when a step names a layer, expert or server outside `shape` (servers, layers,
+    experts); numpy would wrap a negative index around."""
+    limit = np.array([shape[1], shape[2], shape[0]])  # (layer, expert, server)
+    for k, st in enumerate(plan.stages, 1):
+        for arr, cols in ((st.evicts, [0, 1, 2]), (st.copies, [0, 1, 2]), (st.copies, [0, 1, 3])):
+            if len(arr) and ((arr[:, cols] < 0).any() or (arr[:, cols] >= limit).any()):
+                raise MigrationError(f"stage {k}: a step names a layer, expert or server out of range")
 
 
 def verify_migration(plan: MigrationPlan, old: np.ndarray, new: np.ndarray, cluster: ClusterSpec) -> None:
@@ -378,15 +538,12 @@ def verify_migration(plan: MigrationPlan, old: np.ndarray, new: np.ndarray, clus
     shape = (len(names), model.num_layers, model.num_experts)
     if old.shape != shape or new.shape != shape:
         raise MigrationError(f"placements must have shape {list(shape)} for these moves")
+    _check_steps(plan, shape)
     size, budget, r = model.layer_bytes, cluster.budgets, plan.min_replicas
     cost = expert_seconds(cluster, size)
     state = old.copy()
     for k, st in enumerate(plan.stages, 1):
         ev, cp = st.evicts, st.copies
-        limit = np.array([shape[1], shape[2], shape[0]])  # (layer, expert, server)
-        for arr, cols in ((ev, [0, 1, 2]), (cp, [0, 1, 2]), (cp, [0, 1, 3])):
-            if len(arr) and ((arr[:, cols] < 0).any() or (arr[:, cols] >= limit).any()):
-                raise MigrationError(f"stage {k}: a step names a layer, expert or server out of range")
         l, e, s = ev.T
         not_held = ~state[s, l, e]
         if not_held.any():
