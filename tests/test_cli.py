@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from prism_plan.cli import main
+from prism_plan.fileio import DATA_DIR
 from prism_plan.studies.comparison import ROWS
 from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 
@@ -220,3 +221,16 @@ def test_weak_bounds_are_labelled(tmp_path, capsys, tables_file):
     assert code == 0 and "bound (weak)" in out
     code, out, _ = run(capsys, "solve", "--tables", tables_file, "--cluster", "edge-4", "-o", tmp_path / "q.json")
     assert code == 0 and "bound (weak)" not in out and "exact optimal" in out
+
+
+def test_local_search_with_max_iterations_gives_the_same_plan_but_for_timing(tmp_path):
+    tiny = DATA_DIR / "tiny"
+    docs = []
+    for i in range(2):
+        assert main(["solve", "--tables", str(tiny / "tables-0.npz"), "--cluster", str(tiny / "cluster.toml"),
+                     "--solver", "local-search", "--objective", "traffic", "--trace", str(tiny / "trace.parquet"),
+                     "--max-iterations", "30", "--seed", "3", "-o", str(tmp_path / f"p{i}.json"), "--quiet"]) == 0
+        doc = json.loads((tmp_path / f"p{i}.json").read_text())
+        assert set(doc.pop("timing")) == {"solve_seconds"}
+        docs.append(doc)
+    assert docs[0] == docs[1]
