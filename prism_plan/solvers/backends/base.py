@@ -43,12 +43,17 @@ class MilpSolution:
     bound: float | None
 
 
+# Models this small solve in about a millisecond, under the 16 ms a fork costs (measured), and end before an
+# interrupt could wait on them.
+TINY_VARS = 256
+
+
 class MilpBackend(ABC):
     """One solver back end.
 
     in_process: the back end's solve runs in this process and can be stopped from outside (CBC: a program of its
-    own); the others run in a forked child, since a solver inside a C++ call neither keeps its time limit nor lets
-    Python see Ctrl-C or SIGTERM until it returns.
+    own); the others run in a forked child (unless the model is tiny), since a solver inside a C++ call neither
+    keeps its time limit nor lets Python see Ctrl-C or SIGTERM until it returns.
     """
 
     name: ClassVar[str]
@@ -59,7 +64,7 @@ class MilpBackend(ABC):
         # Crossed bounds are infeasible on their face; MathOpt rejects them and MPS cannot say them.
         if np.any(model.lb > model.ub) or np.any(model.row_lb > model.row_ub):
             return MilpSolution(None, "infeasible", None)
-        if self.in_process:
+        if self.in_process or len(model.c) <= TINY_VARS:
             return self._solve(model, time_limit)
         return in_child_process(self._solve, model, time_limit)
 
