@@ -87,10 +87,11 @@ class Command(click.Command):
         try:
             inputs, outputs = self.files(ctx.params)
             check_distinct(inputs, [path for path, _ in outputs])
-            for path, kind in outputs:
-                if kind is not None:
-                    check_output(path, folder=kind == "folder")
             with transaction() as tx:
+                for path, kind in outputs:
+                    if kind is not None:
+                        check_output(path, folder=kind == "folder")
+                        tx.probe(path, folder=kind == "folder")
                 return super().invoke(ctx)
         except Interrupted as e:
             if tx is not None and tx.committed:
@@ -126,8 +127,9 @@ class Group(click.Group):
 
 def outputs(what: str, required: bool = True, default: Path | None = None, kind: str | None = "file"):
     """-o/--output (an Output of `kind`), --quiet and --json, the options of every verb that writes."""
-    return lambda f: click.option("-o", "--output", type=Output(kind), required=required, default=default, help=what,
-                                  show_default=default is not None)(
+    # click 8.5 takes an explicit default of None as a value given, and a required option then goes unchecked
+    given = {} if default is None else {"default": default, "show_default": True}
+    return lambda f: click.option("-o", "--output", type=Output(kind), required=required, help=what, **given)(
         click.option("--quiet", is_flag=True, help="No progress display (also off in pipes).")(
             click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")(f)))
 

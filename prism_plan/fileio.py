@@ -87,7 +87,8 @@ def check_output(target: str | os.PathLike, *, folder: bool = False) -> None:
 
 
 def check_distinct(inputs: Iterable[str | os.PathLike], outputs: Iterable[str | os.PathLike]) -> None:
-    """Refuse, before any work, an output that is one of the inputs or another output."""
+    """Refuse, before any work, an output that is one of the inputs, an existing file inside an input folder, or
+    another output."""
     inputs = [Path(p) for p in inputs if p is not None]
     outputs = [Path(p) for p in outputs if p is not None]
     for i, out in enumerate(outputs):
@@ -98,6 +99,9 @@ def check_distinct(inputs: Iterable[str | os.PathLike], outputs: Iterable[str | 
             if _same(out, src):
                 raise PrismError(f"the output {out} is also an input; write to another path (inputs are never "
                                  f"overwritten)")
+            if _exists(out) and src.is_dir() and _inside(out, src):
+                raise PrismError(f"the output {out} is a file of the input folder {src}; write to another path "
+                                 f"(inputs are never overwritten)")
 
 
 @dataclass
@@ -109,14 +113,28 @@ class Transaction:
     created: list[Path] = field(default_factory=list)
     committed: bool = False
 
-    def make_parents(self, target: Path) -> None:
-        """Create the missing folders above `target`, remembering them for a rollback."""
-        missing = [p for p in reversed(target.parents) if not p.exists()]
+    def make_parents(self, target: Path, *, folder: bool = False) -> None:
+        """Create the missing folders above `target` (and `target` itself when `folder`), remembering them for a
+        rollback."""
+        needed = target if folder else target.parent
+        missing = [p for p in [*reversed(needed.parents), needed] if not _exists(p)]
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            needed.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _write_error(target, e)
         self.created.extend(missing)
+
+    def probe(self, target: Path, *, folder: bool = False) -> None:
+        """Prove before the work starts that `target` (a file, or a folder of files when `folder`) can be
+        written: make the folders it needs (a rollback removes them) and a file where it will go."""
+        self.make_parents(target, folder=folder)
+        where = target if folder else target.parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".prism-plan-probe.", dir=where)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise _write_error(target, e)
 
     def commit(self) -> None:
         """Rename every temporary over its target (later ones first, so files written into a temporary folder
@@ -243,17 +261,17 @@ def read_user_text(path: str | os.PathLike, what: str) -> str:
         raise PrismError(f"cannot read {what} {path}: {e}")
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
+class DuplicateKeyError(PrismError):
+    """A JSON object that gives one key twice (json keeps the last silently); the message reads after a path."""
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object's dict; a key given twice (json keeps the last one silently) is an error."""
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """An `object_pairs_hook` for json.loads: the object's dict, or a DuplicateKeyError."""
     d = dict(pairs)
     if len(d) < len(pairs):
         seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKeyError(f"gives the key {key!r} twice in one object; keep one")
     return d
 
 
@@ -262,11 +280,11 @@ def read_user_json(path: str | os.PathLike, what: str, error: type[PrismError] =
     twice."""
     text = read_user_text(path, what)
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise error(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
-    except _DuplicateKey as e:
-        raise error(f"{path} gives the key {e.key!r} twice in one object; keep one")
+    except DuplicateKeyError as e:
+        raise error(f"{path} {e}")
     except RecursionError:
         raise error(f"{path} nests too deeply; it is not a {what}")
 
@@ -277,8 +295,8 @@ def check_header(d: object, fmt: str, version: int, what: str, where: str, error
     document, `redo` how to make a current one."""
     if not isinstance(d, dict) or d.get("format") != fmt:
         raise error(f"{where} is not a prism-plan {what} (no \"format\": \"{fmt}\")")
-    if d.get("version") != version:
-        raise error(f"{where} has {what} version {d.get('version')}; this prism-plan reads version {version}: "
+    if d.get("version") != version or isinstance(d.get("version"), bool):
+        raise error(f"{where} has {what} version {d.get('version')!r}; this prism-plan reads version {version}: "
                     f"upgrade prism-plan or {redo}")
 
 

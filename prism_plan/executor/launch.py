@@ -25,7 +25,7 @@ from prism_plan.executor import require_torch
 from prism_plan.executor.group import GRACE_S, KEY, RESUME, Group, identity, init_distributed
 from prism_plan.executor.store import CheckpointIndex, ExpertStore, expert_list, index_checkpoint, synthetic_layout
 from prism_plan.executor.transfer import apply_moves, read_journal
-from prism_plan.fileio import loaded
+from prism_plan.fileio import check_output, loaded
 from prism_plan.placement.checks import integer, number
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.migration import MigrationPlan
@@ -67,11 +67,10 @@ def _journal(journal_dir: str | Path | None, rank: int, moves: MigrationPlan | N
     if moves is None or journal_dir is None:
         return None, 0
     path = Path(journal_dir) / f"journal-rank{rank}.json"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PrismError(f"cannot make the journal folder {path.parent}: {e.strerror or e}; pass another "
-                         f"`journal_dir`", parameters=("journal_dir",))
+    try:  # the folder itself appears with the first stage committed: a run that fails before leaves nothing
+        check_output(path)
+    except PrismError as e:
+        raise PrismError(f"{e}; or pass another `journal_dir`", parameters=("journal_dir",))
     return path, read_journal(path, moves)
 
 
@@ -104,7 +103,14 @@ def apply_plan(plan: Plan | str | Path, cluster, *, moves: MigrationPlan | str |
     the group. Returns this rank's summary (rank, server, experts, sha256, stages, resumed_from). A rank that is
     lost, stalls past `timeout_s` or fails ends the run on every rank with one PrismError."""
     number(timeout_s, "`timeout_s`", low=0, low_open=True, parameters=("timeout_s",))
-    job = prepare(plan, cluster, moves, checkpoint)
+    try:
+        job = prepare(plan, cluster, moves, checkpoint)
+    except PrismError as e:
+        if rank is None and "RANK" not in os.environ:  # not started as a rank: no one else to tell
+            raise
+        # an input only this rank lacks (a checkpoint missing on its node): the others hear why, not a timeout
+        init_distributed(timeout_s, init_method, rank, world, setup_error=e)
+        raise
     rank, world = identity(len(job.plan.servers), rank, world)
     journal, done, setup_error = None, 0, None
     try:

@@ -25,6 +25,7 @@ from prism_plan.placement.model import ModelSpec
 
 _EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\.[^.]+\.experts\.(.+)$")
 _DTYPES = {2: "bfloat16", 4: "float32"}
+SIZE_TOLERANCE = 0.25  # how far an expert's tensors may be from the size the model gives it
 # safetensors' dtype codes, as torch names
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -70,8 +71,8 @@ def _opened(path: Path, device: str = "cpu"):
 
 
 def index_checkpoint(folder: str | Path, model: ModelSpec) -> CheckpointIndex:
-    """Index the expert tensors of a safetensors checkpoint folder (headers only)."""
-    require_torch()
+    """Index the expert tensors of a safetensors checkpoint folder (headers only); a PrismError when they are not
+    the model's (missing experts, other sizes)."""
     folder = Path(folder)
     if not folder.exists():
         raise MissingInputError(f"no checkpoint folder at {folder}; pass the folder `save_pretrained` wrote")
@@ -103,6 +104,15 @@ def index_checkpoint(folder: str | Path, model: ModelSpec) -> CheckpointIndex:
     if missing:
         raise PrismError(f"{folder}: no tensors for expert {missing[0][1]} of layer {missing[0][0]} (and "
                          f"{len(missing) - 1} more); is this checkpoint for model {model.name!r}?")
+    torch = require_torch()
+    for layer, expected in zip(model.layers, model.layer_bytes.tolist()):
+        held = sum(int(np.prod(shape)) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+                   for shape, dtype in index.layout(layer).values())
+        # biases and quantisation scales add a few percent to the weights the model's size counts; a checkpoint
+        # of another shape differs by far more, and the plan's memory and moves would not be what is moved
+        if abs(held - expected) > SIZE_TOLERANCE * expected:
+            raise PrismError(f"{folder}: an expert of layer {layer} holds {held} bytes there but {expected} in model "
+                             f"{model.name!r}; pass the checkpoint of the plan's model")
     return index
 
 

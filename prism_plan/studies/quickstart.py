@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prism_plan.fileio import transaction
+from prism_plan.fileio import check_output, transaction
 from prism_plan.placement.cluster import load_cluster
 from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
 from prism_plan.studies.comparison import best_row, compare
@@ -12,6 +12,7 @@ from prism_plan.traces.tables import build_tables
 from prism_plan.traces.trace import load_trace
 
 QUICK_SECONDS = 10.0
+OUTPUTS = ("tables.npz", "plan.json")
 
 
 def run_quickstart(out_dir: str | Path = "prism-quickstart", *, time_limit: float | None = None,
@@ -23,10 +24,12 @@ def run_quickstart(out_dir: str | Path = "prism-quickstart", *, time_limit: floa
     QUICK_SECONDS).
     """
     out_dir = Path(out_dir)
+    for name in OUTPUTS:  # before the minutes of solving
+        check_output(out_dir / name)
     profile, evaluation = load_trace(BUNDLED_TRACE).split_requests(0.5)
     cluster = load_cluster(BUNDLED_CLUSTER)
     rows, plans = compare(cluster, profile, evaluation, time_limit=time_limit or QUICK_SECONDS, quiet=quiet)
     with transaction():
-        build_tables([profile]).save(out_dir / "tables.npz")
-        plans[best_row(rows)["label"]].save(out_dir / "plan.json", cluster)
+        build_tables([profile]).save(out_dir / OUTPUTS[0])
+        plans[best_row(rows)["label"]].save(out_dir / OUTPUTS[1], cluster)
     return rows

@@ -18,6 +18,9 @@ import numpy as np
 from prism_plan.errors import PrismError
 from prism_plan.traces.trace import Trace, load_trace
 
+# The workload is built in memory whole: past this many tokens (about 100 GiB for DeepSeek-V2-Lite) it cannot be.
+MAX_TOKENS = 2**31
+
 
 def rotation_mix(windows: int, domains: int, shift: int = 1) -> np.ndarray:
     """mix: [windows, streams = domains, domains], stream i goes from domain i to domain i + shift linearly."""
@@ -93,6 +96,11 @@ def write_drifting_workload(path: str | Path, output: str | Path, *, windows: in
     source = load_trace(path)
     if not source.num_tokens:
         raise PrismError(f"{path} holds no tokens to draw requests from; give a trace with routed tokens")
+    total = windows * window_tokens * len(source.origins)
+    if total > MAX_TOKENS:
+        raise PrismError(f"{windows} windows x {window_tokens} tokens x {len(source.origins)} streams is {total:,} "
+                         f"tokens, more than the {MAX_TOKENS:,} one workload can hold in memory; lower `windows` or "
+                         f"`window_tokens`", parameters=("windows", "window_tokens"))
     mix = rotation_mix(windows, len(source.origins), shift)
     Trace.concat(drifting_workload(source, windows, window_tokens, mix, seed)).save(output)
     size = window_tokens * len(source.origins)

@@ -12,6 +12,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from prism_plan.errors import MissingInputError, PrismError
+from prism_plan.fileio import DuplicateKeyError, no_duplicate_keys
 
 TORCH_INSTALL = "pip install 'prism-plan[torch]'"
 INT64_MAX = 2 ** 63 - 1
@@ -71,9 +72,12 @@ def json_lines(path: Path, what: str) -> Iterator[JsonLine]:
             if not line.strip():
                 continue
             try:
-                yield JsonLine(where, json.loads(line), line)
+                value = json.loads(line, object_pairs_hook=no_duplicate_keys)
             except json.JSONDecodeError as e:
                 raise PrismError(f"{where}: invalid JSON ({e.msg}); write one JSON object per line")
+            except DuplicateKeyError as e:
+                raise PrismError(f"{where} {e}")
+            yield JsonLine(where, value, line)
 
 
 def _holds_bool(value: object) -> bool:

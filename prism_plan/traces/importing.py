@@ -59,14 +59,17 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
     if not weights:
         batches = (replace(b, weights=None) for b in batches)
     first = next(batches, None)
+    empty = PrismError(f"{src} holds no tokens; give routing with at least one token")
     if first is None:
-        raise PrismError(f"{src} holds no tokens")
+        raise empty
     requests: set[tuple[str, int]] = set()
     with TraceWriter(out, first.meta, first.weights is not None) as writer:
         for batch in itertools.chain([first], batches):
             writer.write(batch)
             pairs = np.unique(np.stack([batch.origin.astype(np.int64), batch.request]), axis=1)
             requests.update((batch.origins[o], r) for o, r in pairs.T.tolist())
+        if not writer.rows:
+            raise empty
         origins = sorted({o for o, _ in requests})
     return {"path": str(out), "format": fmt, "tokens": writer.rows, "requests": len(requests),
             "origins": origins, "layers": len(first.meta.layers), "top_k": first.meta.top_k}

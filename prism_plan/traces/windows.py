@@ -15,11 +15,13 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.fileio import atomic_path, MANIFEST, write_text_atomic
+from prism_plan.placement.checks import integer
 from prism_plan.progress import track
 from prism_plan.traces.tables import ActivationTables, build_tables, tables_from_trace
 from prism_plan.traces.trace import Trace, iter_trace
 
 UNITS = ("tokens", "requests")
+MAX_WINDOW = 2**62  # window bounds are int64 arithmetic
 
 
 _REQUEST_KEY = np.dtype((np.void, 16))  # (origin index, request id) as one sortable 16-byte value
@@ -40,8 +42,8 @@ def iter_windows(batches: Iterable[Trace], size: int, unit: str = "tokens") -> I
     per window (the last may be smaller). Memory: one window at a time."""
     if unit not in UNITS:
         raise PrismError(f"window unit must be one of {', '.join(UNITS)}, got {unit!r}")
-    if size < 1:
-        raise PrismError(f"window size must be at least 1 {unit}, got {size}")
+    integer(size, "`size`", low=1, high=MAX_WINDOW, fix=f"give a number of {unit} per window",
+            parameters=("size",))
     parts: list[Trace] = []
     filled = 0  # tokens or requests in the open window
     seen = np.zeros(0, _REQUEST_KEY)
@@ -82,6 +84,9 @@ def write_tables(path: str | Path, out: str | Path, *, window: int | None = None
     """Write the activation tables of the trace at `path` to `out` (.npz), or with `window`, the tables of
     each window of that many tokens or requests (`unit`) to the folder `out` as window-0000.npz, ... beside
     manifest.json (which lists them); returns (path, tables) of each file written."""
+    if window is not None:
+        integer(window, "`window`", low=1, high=MAX_WINDOW, fix=f"give a number of {unit} per window",
+                parameters=("window",))
     if window is None:
         tables = tables_from_trace(path, pairs=pairs, quiet=quiet)
         tables.save(out)

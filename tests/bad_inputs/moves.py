@@ -4,6 +4,7 @@ rank would start (so these run in-process, without torchrun, and must not end in
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +62,19 @@ def truncate(name: str, keep: int) -> Callable[[Path], None]:
     def setup(d: Path) -> None:
         path = d / name
         path.write_bytes(path.read_bytes()[:keep])
+    return setup
+
+
+def double_rows(source: str, name: str) -> Callable[[Path], None]:
+    """A copy of the checkpoint folder `source` as `name` whose expert tensors have twice the rows."""
+    def setup(d: Path) -> None:
+        import torch  # when the case runs: collecting the table stays quick
+        from safetensors.torch import load_file, save_file
+
+        shutil.copytree(d / source, d / name)
+        tensors = load_file(d / name / "model.safetensors")
+        save_file({k: torch.cat([t, t]) if ".experts." in k else t for k, t in tensors.items()},
+                  d / name / "model.safetensors")
     return setup
 
 
@@ -127,6 +141,8 @@ CASES = [
          truncate("model/model.safetensors", 5000)),
     Case("moves-checkpoint-missing", APPLY + ("--checkpoint", "nowhere"), "no checkpoint folder"),
     Case("moves-checkpoint-a-file", APPLY + ("--checkpoint", "plan-1.json"), "is a file"),
+    Case("moves-checkpoint-of-another-size", APPLY + ("--checkpoint", "big"),
+         "pass the checkpoint of the plan's model", double_rows("model", "big")),
     Case("moves-checkpoint-empty-folder", APPLY + ("--checkpoint", "empty"), "holds no .safetensors",
          lambda d: (d / "empty").mkdir()),
 ]

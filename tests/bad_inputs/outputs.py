@@ -21,7 +21,7 @@ def link(name: str, to: str):
 
 def folder(name: str, *files: str):
     def setup(d: Path) -> None:
-        (d / name).mkdir()
+        (d / name).mkdir(parents=True)
         for f in files:
             (d / name / f).write_text("keep me")
     return setup
@@ -99,6 +99,18 @@ CASES = [
                                               "model/config.json", "-o", "model/config.json"), "is also an input"),
     Case("outputs-run-over-prompts", ("profile", "run", "model", "--prompts", "prompts.jsonl", "-o",
                                       "prompts.jsonl"), "is also an input"),
+    Case("outputs-solve-over-the-model-config", (*SOLVE, "--model", "model", "-o", "model/config.json"),
+         "is a file of the input folder"),
+    Case("outputs-run-over-the-checkpoint", ("profile", "run", "model", "--prompts", "prompts.jsonl", "-o",
+                                             "model/model.safetensors"), "is a file of the input folder"),
+    Case("outputs-import-over-a-file-of-the-source-folder", ("profile", "import", "--format", "vllm", "src",
+                                                              "--model", "model", "-o", "src/r.npy"),
+         "is a file of the input folder", folder("src", "r.npy")),
     Case("outputs-quickstart-into-a-file", ("quickstart", "-o", "plan-0.json"), "is a file"),
+    Case("outputs-quickstart-tables-is-a-folder", ("quickstart", "-o", "qs"), "qs/tables.npz is a folder",
+         folder("qs/tables.npz")),
+    Case("outputs-quickstart-where-no-folder-can-be", ("quickstart", "-o", "/proc/prism-plan-qs"),
+         "cannot write /proc/prism-plan-qs"),
+    Case("outputs-solve-where-no-folder-can-be", (*SOLVE, "-o", "/proc/prism-plan/plan.json"), "cannot write"),
     Case("outputs-quickstart-name-too-long", ("quickstart", "-o", LONG), "too long; use a shorter name"),
 ]

@@ -308,6 +308,11 @@ CASES = [
     Case("traces-sglang-bfloat16", SGLANG, "bfloat16",
          torch_file("d.pt", lambda t: sglang_records(t, ids=t.zeros((3, 2, 8), dtype=t.bfloat16)))),
     # --- vLLM routed experts ---
+    Case("traces-vllm-no-tokens", VLLM, "holds no tokens",
+         lambda d: np.save(d / "r.npy", np.zeros((0, 3, 2), np.int64))),
+    Case("traces-jsonl-key-twice", JSONL, "gives the key 'experts' twice",
+         writes("t.jsonl", '{"origin": "a", "request": 0, "experts": [[0, 1], [2, 3], [4, 5]], '
+                           '"experts": [[1, 0], [3, 2], [5, 4]]}\n')),
     Case("traces-vllm-duplicate-ids", VLLM, "twice", lambda d: np.save(d / "r.npy", np.ones((2, 3, 2), np.int64))),
     Case("traces-vllm-float-array", VLLM, "integer", lambda d: np.save(d / "r.npy", np.zeros((2, 3, 2)))),
     Case("traces-vllm-bool-array", VLLM, "integer", lambda d: np.save(d / "r.npy", np.zeros((2, 3, 2), bool))),
