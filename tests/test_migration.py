@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prism_plan.placement.cluster import GIB, parse_cluster
-from prism_plan.placement.migration import (MigrationError, MigrationPlan, Stage, needed_copy_bytes,
+from prism_plan.placement.migration import (content_sha256, MigrationError, MigrationPlan, Stage, needed_copy_bytes,
                                             placement_sha256, plan_migration, verify_migration)
 from prism_plan.placement.model import ModelSpec
 from prism_plan.placement.plan import Plan
@@ -160,6 +160,9 @@ def test_moves_are_tied_to_their_plans():
     d = m.to_dict()
     copy = next(s for st in d["stages"] for s in st["steps"] if s["op"] == "copy")
     copy["expert"] = (copy["expert"] + 1) % 3  # one copy's expert changed: the moves start elsewhere
+    with pytest.raises(MigrationError, match="was edited after `prism-plan migrate` wrote it"):
+        MigrationPlan.from_dict(d)
+    d["content_sha256"] = content_sha256(d)  # resealed: the placements still tell
     with pytest.raises(MigrationError, match="do not start where they say"):
         MigrationPlan.from_dict(d).starting_placement(plan_of(new), c)
     plain = MigrationPlan(m.model, m.servers, m.stages, 1, 0, m.stage_seconds)  # made without placements

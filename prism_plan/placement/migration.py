@@ -36,7 +36,8 @@ from prism_plan.placement.plan import Plan
 from prism_plan.units import human_bytes
 
 FORMAT = "prism-plan/moves"
-# 2: the placements' hashes (from_placement_sha256, to_placement_sha256), which version 1 lacked
+# 2: the placements' hashes (from_placement_sha256, to_placement_sha256), which version 1 lacked, and the seal
+# of the whole file (content_sha256), so that no edit goes unnoticed
 VERSION = 2
 REDO = "re-create it with `prism-plan migrate`"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -192,8 +193,8 @@ class MigrationPlan:
         return start
 
     def sha256(self) -> str:
-        """Hash of the moves file's content: what a journal of their progress belongs to."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """Hash of the moves file's content (its `content_sha256`): what a journal of their progress belongs to."""
+        return content_sha256(self._body())
 
     def summary(self) -> dict:
         return {"stages": len(self.stages), "bytes": self.bytes, "lower_bound_bytes": self.lower_bound_bytes,
@@ -201,7 +202,12 @@ class MigrationPlan:
                 "seconds": self.seconds}
 
     def to_dict(self) -> dict:
-        """The moves file (DESIGN.md, "Moves file"); layers are the model's layer numbers."""
+        """The moves file (DESIGN.md, "Moves file"), sealed with its `content_sha256`."""
+        body = self._body()
+        return {**body, "content_sha256": content_sha256(body)}
+
+    def _body(self) -> dict:
+        """The moves file without its seal; layers are the model's layer numbers."""
         layers, names, size = list(self.model.layers), self.servers, self.model.layer_bytes
         stages = []
         for st, secs in zip(self.stages, self.stage_seconds):
@@ -260,12 +266,22 @@ class MigrationPlan:
             if not math.isclose(given, value, rel_tol=1e-9, abs_tol=1e-12):
                 raise MigrationError(f'{where}: "{key}" is {given:g} but its steps make {value:g}; the file was '
                                      f"edited after `prism-plan migrate` wrote it; {REDO}")
+        if _sha256(d, "content_sha256", where) != content_sha256(d):  # last: the checks above say more
+            raise MigrationError(f"{where} was edited after `prism-plan migrate` wrote it (its content_sha256 does "
+                                 f"not match what it holds); {REDO}")
         return plan
 
     @classmethod
     def load(cls, path: str | Path) -> "MigrationPlan":
         d = read_user_json(path, "moves file", MigrationError)
         return cls.from_dict(d, where=str(path))
+
+
+def content_sha256(doc: dict) -> str:
+    """The seal of a moves file: sha256 of its JSON without `content_sha256`, keys sorted (so neither layout nor
+    key order matter, every value does)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in doc.items() if k != "content_sha256"},
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def _checked(check, value, what: str, fix: str, **kwargs):

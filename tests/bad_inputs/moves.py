@@ -9,16 +9,20 @@ from pathlib import Path
 from typing import Callable
 
 from bad_inputs import Case, writes
+from prism_plan.placement.migration import content_sha256
 
 APPLY = ("apply", "--plan", "plan-1.json", "--moves", "moves-1.json", "--cluster", "cluster.toml")
 
 
-def moved(change: Callable[[dict], None]) -> Callable[[Path], None]:
-    """A setup that rewrites the bundled moves-1.json with `change` applied to its JSON."""
+def moved(change: Callable[[dict], None], *, seal: bool = True) -> Callable[[Path], None]:
+    """A setup that rewrites the bundled moves-1.json with `change` applied to its JSON and, with `seal`, its
+    content_sha256 recomputed, as a careful forger would: the checks behind the seal must catch the edit."""
     def setup(d: Path) -> None:
         path = d / "moves-1.json"
         doc = json.loads(path.read_text())
         change(doc)
+        if seal and isinstance(doc, dict) and "content_sha256" in doc:
+            doc["content_sha256"] = content_sha256(doc)
         path.write_text(json.dumps(doc, indent=1))
     return setup
 
@@ -141,6 +145,10 @@ CASES = [
          truncate("model/model.safetensors", 5000)),
     Case("moves-checkpoint-missing", APPLY + ("--checkpoint", "nowhere"), "no checkpoint folder"),
     Case("moves-checkpoint-a-file", APPLY + ("--checkpoint", "plan-1.json"), "is a file"),
+    *(Case(f"moves-unsealed-edit-of-{name}", APPLY, "was edited after `prism-plan migrate` wrote it",
+           moved(change, seal=False)) for name, change in (
+        ("from-plan-sha256", flip_hash("from_plan_sha256")), ("an-expert-id", other_expert),
+        ("stage-seconds", first_stage(lambda st: st.update(seconds=st["seconds"] * 2))))),
     Case("moves-checkpoint-of-another-size", APPLY + ("--checkpoint", "big"),
          "pass the checkpoint of the plan's model", double_rows("model", "big")),
     Case("moves-checkpoint-empty-folder", APPLY + ("--checkpoint", "empty"), "holds no .safetensors",
