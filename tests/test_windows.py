@@ -51,7 +51,7 @@ def test_window_tables_add_up_to_the_whole(tmp_path, esft):
 def test_bad_window_arguments(esft):
     with pytest.raises(PrismError, match="window unit"):
         next(iter_windows([esft], 10, "seconds"))
-    with pytest.raises(PrismError, match="at least 1"):
+    with pytest.raises(PrismError, match="must be an integer from 1"):
         next(iter_windows([esft], 0))
 
 
