@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from prism_plan.errors import PrismError
+from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.fileio import loaded
 from prism_plan.placement.checks import number
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.metrics import coverage_metrics
 from prism_plan.placement.migration import MigrationPlan, plan_migration
-from prism_plan.placement.model import ModelSpec, resolve_model
+from prism_plan.placement.model import ModelSpec, model_from_meta, resolve_model
 from prism_plan.placement.plan import Plan
 from prism_plan.solvers import IncrementalSolver, build_problem, get_solver
 from prism_plan.solvers.objectives import get_objective, nearest_routing, relative_gap
@@ -25,6 +25,7 @@ from prism_plan.solvers.incremental import traffic_move_cost
 from prism_plan.solvers.problem import PlacementProblem, placement_fits
 from prism_plan.traces.tables import ActivationTables
 from prism_plan.traces.trace import Trace
+from prism_plan.units import human_bytes
 
 TablesLike = ActivationTables | str | Path
 ClusterLike = ClusterSpec | str | Path
@@ -113,7 +114,10 @@ def migrate_placement(plan: PlanLike, tables: TablesLike, cluster: ClusterLike, 
         number(value, f"`{name}`", low=0.0, parameters=(name,))
     plan.check_servers(cluster)
     r = plan.min_replicas if min_replicas is None else min_replicas
-    problem = build_problem(tables, cluster, plan.model, min_replicas=r)
+    try:
+        problem = build_problem(tables, cluster, plan.model, min_replicas=r)
+    except InfeasibleError as e:
+        raise InfeasibleError(f"{e}{_size_note(plan.model, tables)}", parameters=e.parameters) from None
     current = plan.hosted
     solver = IncrementalSolver(current, move_cost=traffic_move_cost(problem, move_cost, objective),
                                budget_bytes=budget_bytes, time_limit=time_limit, backend=backend)
@@ -135,3 +139,16 @@ def migrate_placement(plan: PlanLike, tables: TablesLike, cluster: ClusterLike, 
     moves = plan_migration(current, new.hosted, cluster, plan.model, r)
     moves.from_sha256, moves.to_sha256 = old_sha256, new.sha256()
     return new, moves
+
+
+def _size_note(model: ModelSpec, tables: ActivationTables) -> str:
+    """A note for an infeasible re-plan whose plan gives the experts other sizes than the model the tables were
+    recorded from (a plan for another model, or a hand-edited one), else ""."""
+    if not tables.meta.get("spec"):
+        return ""
+    recorded = model_from_meta(tables.meta, "the tables")
+    if recorded.layer_bytes.shape != model.layer_bytes.shape or (recorded.layer_bytes == model.layer_bytes).all():
+        return ""
+    return (f"; note that the plan's experts take {human_bytes(int(model.layer_bytes.max()))} but those of "
+            f"{recorded.name!r}, which the tables were recorded from, {human_bytes(int(recorded.layer_bytes.max()))}: "
+            f"is the plan for this model?")

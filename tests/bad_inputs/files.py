@@ -222,6 +222,8 @@ CASES = [
     Case("files-model-other-shape", (*SOLVE, "--model", "deepseek-v2-lite"), "tables are for layers 0..2 x 6 experts"),
     Case("files-model-config-key-twice", MODEL, "gives the key 'num_local_experts' twice",
          edits("model/config.json", '"num_local_experts": 6,', '"num_local_experts": 6, "num_local_experts": 4,')),
+    Case("files-plan-of-bigger-experts", MIGRATE, "is the plan for this model?",
+         plan_edit(lambda d: d["model"].update(expert_bytes=3072))),
     Case("files-plan-key-twice", SIMULATE, "gives the key 'min_replicas' twice",
          edits("plan-0.json", '"min_replicas": 1', '"min_replicas": 1, "min_replicas": 2')),
     Case("files-plan-nested-too-deep", SIMULATE, "nests too deeply", writes("plan-0.json", "[" * 100_000)),
