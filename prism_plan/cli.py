@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrismError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
+    except click.exceptions.Abort:  # click's name for a Ctrl-C it caught itself (while parsing, say)
+        click.echo("interrupted (SIGINT): nothing was written and existing files are untouched", err=True)
+        return 130
     except click.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "prism-plan"
         click.echo(f"error: {' '.join(e.format_message().split())} (see `{where} --help`)", err=True)

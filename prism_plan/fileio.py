@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -75,8 +76,8 @@ def check_output(target: str | os.PathLike, *, folder: bool = False) -> None:
     target = Path(target)
     ancestor = _writable_ancestor(target)
     name_max = os.pathconf(ancestor, "PC_NAME_MAX")
-    for part in target.parts:
-        if len(os.fsencode(part)) + 16 > name_max:  # room for the temporary's prefix and suffix
+    for part in target.relative_to(ancestor).parts if target.is_relative_to(ancestor) else target.parts:
+        if len(os.fsencode(part)) + 16 > name_max:  # the names to create, with room for a temporary's affixes
             raise PrismError(f"cannot write {target}: the name {part[:24]}... is too long; use a shorter name")
     if not folder and target.is_dir():
         raise PrismError(f"{target} is a folder; name a file to write")
@@ -138,10 +139,8 @@ class Transaction:
 
     def commit(self) -> None:
         """Rename every temporary over its target (later ones first, so files written into a temporary folder
-        land before the folder does), with SIGINT and SIGTERM held until all are in place."""
-        held = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        try:
+        land before the folder does); SIGINT and SIGTERM wait until all are in place."""
+        with _signals_held():
             for tmp, target in reversed(self.renames):
                 try:
                     _replace(tmp, target)
@@ -149,16 +148,47 @@ class Transaction:
                     self.rollback()
                     raise _write_error(target, e)
             self.committed = True
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
     def rollback(self) -> None:
-        """Remove every temporary and the folders the run created (if nothing else was put there)."""
-        for tmp, _ in self.renames:
-            _remove(tmp)
-        for folder in reversed(self.created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        """Remove every temporary and the folders the run created (if nothing else was put there); a second
+        Ctrl-C waits until that is done."""
+        with _signals_held():
+            for tmp, _ in self.renames:
+                _remove(tmp)
+            for folder in reversed(self.created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Run the block with SIGINT and SIGTERM recorded instead of handled, then handle the first one that came.
+    (Blocking them with pthread_sigmask holds them only for this thread; Python runs its handlers in the main
+    thread whichever thread the kernel picks, and pyarrow and BLAS start threads.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: came.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if came:
+        signal.raise_signal(came[0])
+
+
+def _our_folder(folder: Path) -> bool:
+    """True when `folder` holds exactly what a window set of prism-plan's holds: its manifest (format
+    prism-plan/windows) and the files that manifest lists."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        listed = set(manifest["windows"]) | {MANIFEST}
+        return manifest.get("format") == "prism-plan/windows" and {p.name for p in folder.iterdir()} == listed
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -197,12 +227,13 @@ def transaction(*, own: bool = False) -> Iterator[Transaction]:
     token = _OPEN.set(tx)
     try:
         yield tx
+        tx.commit()
     except BaseException:
-        tx.rollback()
+        if not tx.committed:
+            tx.rollback()
         raise
     finally:
         _OPEN.reset(token)
-    tx.commit()
 
 
 @contextlib.contextmanager
@@ -214,7 +245,7 @@ def atomic_path(target: str | os.PathLike, *, folder: bool = False,
     hold any of `inputs`, nor files some other program put there."""
     target = Path(target)
     check_output(target, folder=folder)
-    if folder and target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+    if folder and target.is_dir() and any(target.iterdir()) and not _our_folder(target):
         raise PrismError(f"{target} holds files prism-plan did not write there; name a new or empty folder")
     if folder and inputs is not None:
         for src in inputs:
@@ -222,20 +253,21 @@ def atomic_path(target: str | os.PathLike, *, folder: bool = False,
                 raise PrismError(f"the output folder {target} holds the input {src}; write to another folder")
     with transaction(own=now) as tx:
         tx.make_parents(target)
-        try:
-            if folder:
-                tmp_path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-            else:
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-                os.close(fd)
-                tmp_path = Path(tmp)
-        except OSError as e:
-            raise _write_error(target, e)
+        with _signals_held():  # so that no temporary exists unregistered
+            try:
+                if folder:
+                    tmp_path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+                else:
+                    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+                    os.close(fd)
+                    tmp_path = Path(tmp)
+            except OSError as e:
+                raise _write_error(target, e)
+            tx.renames.append((tmp_path, target))
         umask = os.umask(0)
         os.umask(umask)
         # mkstemp and mkdtemp make 0600 and 0700; give the output the permissions open() and mkdir() would
         os.chmod(tmp_path, (0o777 if folder else 0o666) & ~umask)
-        tx.renames.append((tmp_path, target))
         try:
             yield tmp_path
         except BaseException:

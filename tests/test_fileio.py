@@ -3,6 +3,8 @@ and every folder the run created, and leaves existing files as they were."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from prism_plan.errors import PrismError
@@ -35,14 +37,18 @@ def test_a_folder_output_replaces_the_old_one_whole(tmp_path):
         with atomic_path(out, folder=True) as tmp:
             for n in names:
                 write_text_atomic(tmp / n, n)
-            write_text_atomic(tmp / MANIFEST, "{}")
+            write_text_atomic(tmp / MANIFEST, json.dumps({"format": "prism-plan/windows", "windows": names}))
         assert sorted(p.name for p in out.iterdir()) == sorted([*names, MANIFEST])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["win"]
 
 
-def test_a_folder_of_other_files_is_never_replaced(tmp_path):
+@pytest.mark.parametrize("manifest", [None, '{"name": "another program"}',
+                                      '{"format": "prism-plan/windows", "windows": ["w0"]}'])
+def test_a_folder_of_other_files_is_never_replaced(tmp_path, manifest):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
+    if manifest is not None:
+        (tmp_path / "mine" / MANIFEST).write_text(manifest)
     with pytest.raises(PrismError, match="did not write"):
         with atomic_path(tmp_path / "mine", folder=True):
             pass

@@ -71,10 +71,11 @@ def test_signal_during_an_import(big_jsonl, tmp_path, signum):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_windowed_tables(tmp_path, signum):
     (tmp_path / "win").mkdir()
-    (tmp_path / "win" / "manifest.json").write_text("{}")
+    manifest = b'{"format": "prism-plan/windows", "windows": ["window-0000.npz"]}'
+    (tmp_path / "win" / "manifest.json").write_bytes(manifest)
     (tmp_path / "win" / "window-0000.npz").write_bytes(b"an earlier run's window")
     proc = start(["profile", "tables", str(BUNDLED_TRACE), "--window", "50", "-o", "win"], tmp_path)
     wait_for(lambda: any(p.name.endswith(".tmp") and any(p.iterdir()) for p in tmp_path.iterdir()))
-    stopped_cleanly(proc, signum, tmp_path / "win", {"manifest.json": b"{}",
+    stopped_cleanly(proc, signum, tmp_path / "win", {"manifest.json": manifest,
                                                      "window-0000.npz": b"an earlier run's window"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["win"]

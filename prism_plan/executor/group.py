@@ -302,7 +302,19 @@ def _env_store(rank: int, world: int, timeout_s: float, deadline: float):
                                  f"at {addr}:{port}; start every rank with the same command",
                                  parameters=("timeout_s",))
             time.sleep(0.1)
-    return dist.TCPStore(addr, port, world, False, timedelta(seconds=timeout_s)), host
+    try:
+        store = dist.TCPStore(addr, port, world, False, timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        raise PrismError(f"cannot join the rendezvous at {addr}:{port} ({str(e).splitlines()[0]}); {RESUME}")
+    return attempt_store(store) if agent else store, host
+
+
+def attempt_store(store):
+    """`store` seen under this restart's prefix: torchrun's store outlives a restart, whose ranks must not read
+    the keys (joined, failed) of the attempt before."""
+    import torch.distributed as dist
+
+    return dist.PrefixStore(f"{KEY}attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def init_distributed(timeout_s: float = 300.0, init_method: str | None = None, rank: int | None = None,

@@ -22,7 +22,7 @@ import numpy as np
 
 from prism_plan.errors import Interrupted, PrismError
 from prism_plan.executor import require_torch
-from prism_plan.executor.group import GRACE_S, KEY, RESUME, Group, identity, init_distributed
+from prism_plan.executor.group import attempt_store, GRACE_S, KEY, RESUME, Group, identity, init_distributed
 from prism_plan.executor.store import CheckpointIndex, ExpertStore, expert_list, index_checkpoint, synthetic_layout
 from prism_plan.executor.transfer import apply_moves, read_journal
 from prism_plan.fileio import check_output, loaded
@@ -181,8 +181,9 @@ def run_ranks(argv: list[str], nproc: int, timeout_s: float, ranks: list[int] | 
             runs.append(RankRun(r, p.returncode, out.read(), err.read()))
             out.close()
             err.close()
-    posts = {r: store.get(f"{KEY}failed/{r}").decode(errors="replace") for r in ranks
-             if store.check([f"{KEY}failed/{r}"])}
+    seen = attempt_store(store)  # the ranks' view of it (their environment says restart 0)
+    posts = {r: seen.get(f"{KEY}failed/{r}").decode(errors="replace") for r in ranks
+             if seen.check([f"{KEY}failed/{r}"])}
     return runs, posts
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bad_inputs import Case
+from bad_inputs import Case, writes
 
 SOLVE = ("solve", "--tables", "tables-0.npz", "--cluster", "cluster.toml")
 MIGRATE = ("migrate", "--plan", "plan-0.json", "--tables", "tables-1.npz", "--cluster", "cluster.toml")
@@ -29,7 +29,8 @@ def folder(name: str, *files: str):
 
 def window_set_holding_the_trace(d: Path) -> None:
     (d / "win").mkdir()
-    (d / "win" / "manifest.json").write_text('{"format": "prism-plan/windows", "version": 1}')
+    (d / "win" / "manifest.json").write_text('{"format": "prism-plan/windows", "version": 1, '
+                                             '"windows": ["trace.parquet"]}')
     os.replace(d / "trace.parquet", d / "win" / "trace.parquet")
 
 
@@ -85,6 +86,12 @@ CASES = [
                                          "plan-0.json"), "is a file"),
     Case("outputs-windows-into-a-folder-of-other-files", ("profile", "tables", "trace.parquet", "--window", "5",
                                                           "-o", "model"), "did not write"),
+    Case("outputs-windows-into-a-folder-with-another-programs-manifest", ("profile", "tables", "trace.parquet",
+                                                                         "--window", "5", "-o", "app"),
+         "did not write", writes("app/manifest.json", '{"name": "my-app"}')),
+    Case("outputs-windows-into-a-window-set-with-a-stray-file", ("profile", "tables", "trace.parquet", "--window",
+                                                                 "5", "-o", "win"), "did not write",
+         writes("win/manifest.json", '{"format": "prism-plan/windows", "windows": ["window-0000.npz"]}')),
     Case("outputs-windows-into-a-folder-with-a-stray-file", ("profile", "tables", "trace.parquet", "--window",
                                                              "5", "-o", "win"), "did not write",
          folder("win", "notes.txt")),

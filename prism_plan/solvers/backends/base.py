@@ -43,8 +43,8 @@ class MilpSolution:
     bound: float | None
 
 
-# Models this small solve in about a millisecond, under the 16 ms a fork costs (measured), and end before an
-# interrupt could wait on them.
+# Models this small (a few dozen binaries in practice) solve in about a millisecond, under the 16 ms a fork costs
+# (measured); an interrupt waits for such a solve to return, which is the price.
 TINY_VARS = 256
 
 
