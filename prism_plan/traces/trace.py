@@ -23,13 +23,12 @@ import pyarrow.parquet as pq
 from prism_plan.fileio import atomic_path
 from prism_plan.errors import MissingInputError, PrismError
 from prism_plan.placement.checks import is_integer
-from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.model import MAX_EXPERTS, ModelSpec
 from prism_plan.traces.dumps import INT64_MAX, reason
 
 META_KEY = b"prism_plan"
 PHASES = ("prefill", "decode")
 COLUMNS = ("origin", "request", "position", "phase", "experts")
-MAX_EXPERTS = 2 ** 15  # ids are stored as int16
 POSITION_MAX = 2 ** 31 - 1  # positions are int32
 
 
