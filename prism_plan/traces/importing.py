@@ -17,23 +17,24 @@ from prism_plan.traces.sglang import iter_sglang, sglang_tables
 from prism_plan.traces.trace import TraceWriter
 from prism_plan.traces.vllm import iter_vllm
 
-# format -> (src, model, quiet, origin) -> Trace batches
+# format -> (src, model, quiet, origin, **options) -> Trace batches; options are the format's own keywords
 IMPORTERS = {
-    "esft": lambda src, model, quiet, origin: iter_esft(src, model, quiet=quiet),
-    "jsonl": lambda src, model, quiet, origin: iter_jsonl(src, model),
-    "sglang": lambda src, model, quiet, origin: iter_sglang(src, model, origin),
-    "vllm": lambda src, model, quiet, origin: iter_vllm(src, model, origin),
-    "megatron": lambda src, model, quiet, origin: iter_megatron(src, model, origin),
+    "esft": lambda src, model, quiet, origin, **options: iter_esft(src, model, quiet=quiet, **options),
+    "jsonl": lambda src, model, quiet, origin, **options: iter_jsonl(src, model, **options),
+    "sglang": lambda src, model, quiet, origin, **options: iter_sglang(src, model, origin, **options),
+    "vllm": lambda src, model, quiet, origin, **options: iter_vllm(src, model, origin, **options),
+    "megatron": lambda src, model, quiet, origin, **options: iter_megatron(src, model, origin, **options),
 }
 
 
 def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec | str | Path | None = None,
-                 weights: bool = True, quiet: bool = False, origin: str | None = None) -> dict:
+                 weights: bool = True, quiet: bool = False, origin: str | None = None, **options) -> dict:
     """Convert `src` in format `fmt` to a Parquet trace at `out` (written atomically); SGLang `stat` dumps,
     which hold counts only, become activation tables when `out` ends in `.npz`.
 
     weights: keep gate weights when the source has them (False makes a much smaller file). origin: the origin
-    of every token (formats that do not name one default to the file's name or rank).
+    of every token (formats that do not name one default to the file's name or rank). options: keywords of the
+    format's own reader (e.g. `rank` for sglang); None values are left out.
     model: a preset, config.json, model folder or ModelSpec (default for esft: deepseek-v2-lite, the bundled
     data's model). Returns a summary: tokens, requests, origins, layers, top_k.
     """
@@ -46,16 +47,17 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
         raise PrismError("`origin` is empty; give a name, or leave it out to name origins after the files",
                          parameters=("origin",))
     model = resolve_model("deepseek-v2-lite" if model is None else model)
+    options = {k: v for k, v in options.items() if v is not None}
     if Path(out).suffix == ".npz":
         if fmt != "sglang":
             raise PrismError(f"{fmt} sources become traces: write `out` as a .parquet file, then build tables from it",
                              parameters=("out",))
-        tables = sglang_tables(src, model, origin)
+        tables = sglang_tables(src, model, origin, **options)
         tables.save(out)
         return {"path": str(out), "format": fmt, "tables": True, "tokens": int(tables.tokens.sum()),
                 "origins": list(tables.origins), "layers": len(tables.layers), "top_k": model.top_k,
                 "coactivation": False}
-    batches = IMPORTERS[fmt](src, model, quiet, origin)
+    batches = IMPORTERS[fmt](src, model, quiet, origin, **options)
     if not weights:
         batches = (replace(b, weights=None) for b in batches)
     first = next(batches, None)
