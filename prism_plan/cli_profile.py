@@ -1,0 +1,82 @@
+"""`prism-plan profile`: record routing from a model, import it from other tools, build tables and drifting
+workloads. Parses, makes one library call, prints, like the rest of the CLI."""
+
+from __future__ import annotations
+
+import click
+
+from prism_plan.cli_options import FILE, MODEL, NO_WEIGHTS, outputs, say
+from prism_plan.messages import describe_drift, describe_tables, describe_trace
+from prism_plan.progress import spinner
+from prism_plan.traces.drift import write_drifting_workload
+from prism_plan.traces.importing import import_trace, IMPORTERS
+from prism_plan.traces.profiler import profile_model
+from prism_plan.traces.windows import UNITS, write_tables
+
+
+@click.group()
+def profile() -> None:
+    """Record or import routing traces and build activation tables."""
+
+
+@profile.command("run")
+@click.argument("model_name", metavar="MODEL", type=MODEL)
+@click.option("--prompts", type=FILE, required=True, help="JSONL: per line an origin and `text` or `input_ids`.")
+@outputs("Trace to write (.parquet).")
+@click.option("--origin-field", default="origin", show_default=True, help="JSONL key naming each prompt's origin.")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Greedy decode steps (tokens) to record after each prompt.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass.")
+@click.option("--chat-template", is_flag=True, help="Wrap `text` prompts in the tokenizer's chat template.")
+@NO_WEIGHTS
+def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_new_tokens, batch_size, chat_template,
+                no_weights) -> None:
+    """Run a Hugging Face MoE model (a local folder or hub id) over prompts and record every token's routing."""
+    s = profile_model(model_name, prompts, output, origin_field=origin_field, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size, chat_template=chat_template, weights=not no_weights, quiet=quiet)
+    say(as_json, s, describe_trace(s))
+
+
+@profile.command("import")
+@click.argument("src", type=FILE)
+@click.option("--format", "fmt", type=click.Choice(list(IMPORTERS)), required=True, help="Source format.")
+@click.option("--model", type=MODEL, help="Preset, config.json or model folder [default for esft: deepseek-v2-lite].")
+@outputs("Trace to write (.parquet); for SGLang stat dumps (counts only), tables (.npz).")
+@click.option("--origin", help="Origin of every token [default: the file's name, or rank for megatron].")
+@NO_WEIGHTS
+def profile_import(src, fmt, model, output, quiet, as_json, origin, no_weights) -> None:
+    """Convert routing recorded elsewhere (ESFT, SGLang, vLLM, Megatron-Core, generic JSONL) to a Parquet trace."""
+    s = import_trace(fmt, src, output, model=model, weights=not no_weights, quiet=quiet, origin=origin)
+    say(as_json, s, describe_trace(s))
+
+
+@profile.command("tables")
+@click.argument("trace", type=FILE)
+@outputs("Tables to write (.npz); with --window, a folder for window-0000.npz, window-0001.npz, ... and "
+         "manifest.json (replaced whole).", kind=None)
+@click.option("--window", type=click.IntRange(min=1), help="Cut the trace, in row order, into windows of this many "
+              "tokens (or requests, see --window-unit) and write tables per window [default: one table].")
+@click.option("--window-unit", type=click.Choice(UNITS), default="tokens", show_default=True, help="What --window counts.")
+@click.option("--no-pairs", is_flag=True, help="Skip co-activation and transition counts.")
+def profile_tables(trace, output, quiet, as_json, window, window_unit, no_pairs) -> None:
+    """Count activations per origin, layer and expert (and expert pairs) in a trace, whole or per window."""
+    written = write_tables(trace, output, window=window, unit=window_unit, pairs=not no_pairs, quiet=quiet)
+    summary = [{"path": str(path), **t.summary()} for path, t in written]
+    say(as_json, summary if window is not None else summary[0], describe_tables(written))
+
+
+@profile.command("drift")
+@click.argument("trace", type=FILE)
+@outputs("Trace to write (.parquet).")
+@click.option("--windows", type=click.IntRange(min=1), default=8, show_default=True, help="Windows to build.")
+@click.option("--window-tokens", type=click.IntRange(min=1), default=2000, show_default=True, help="Tokens per stream.")
+@click.option("--shift", type=int, default=1, show_default=True,
+              help="Stream i drifts from origin i to origin i + shift over the windows.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the request draws.")
+def profile_drift(trace, output, quiet, as_json, windows, window_tokens, shift, seed) -> None:
+    """Build a drifting workload from a trace's origins (e.g. the ESFT domains): each stream's mix of domains
+    rotates to the next domain over the windows."""
+    with spinner("building the drifting workload", quiet):
+        s = write_drifting_workload(trace, output, windows=windows, window_tokens=window_tokens, shift=shift,
+                                    seed=seed)
+    say(as_json, s, describe_drift(s))
