@@ -117,14 +117,16 @@ def simulate(plan, trace, cluster, concurrency, output, quiet, as_json) -> None:
 @PLAN
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
               help="sglang: --init-expert-location JSON; vllm-ascend: expert_map_path JSON; eplb: phy2log, log2phy, "
-                   "logcnt (.npz).")
+                   "logcnt (.npz); trtllm: the MoE load balancer's YAML.")
 @click.option("--tables", type=FILE, help="Tables (.npz) whose activations pick the experts that fill spare slots "
               "[default: the plan's routing].")
+@click.option("--cluster", type=CLUSTER_FILE, help="Cluster (.toml) whose servers' memory must hold the layout "
+              "with its equal slots (refused otherwise).")
 @outputs("File to write.")
-def export(plan, fmt, tables, output, quiet, as_json) -> None:
-    """Write a plan in a serving system's format, checked the way that system reads it."""
+def export(plan, fmt, tables, cluster, output, quiet, as_json) -> None:
+    """Write a plan in a serving system's format, checked the way that system reads it; prints its flags."""
     with spinner(f"exporting ({fmt})", quiet):
-        s = export_plan(plan, fmt, output, tables=tables)
+        s = export_plan(plan, fmt, output, tables=tables, cluster=cluster)
     say(as_json, s, describe_export(s))
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import click
 
-from prism_plan.cli_options import FILE, MODEL, NO_WEIGHTS, outputs, say
+from prism_plan.cli_options import FILE, Group, MODEL, NO_WEIGHTS, outputs, say
 from prism_plan.messages import describe_drift, describe_tables, describe_trace
 from prism_plan.progress import spinner
 from prism_plan.traces.drift import write_drifting_workload
-from prism_plan.traces.importing import import_trace, IMPORTERS
+from prism_plan.traces.importing import FORMATS, import_trace
 from prism_plan.traces.profiler import profile_model
 from prism_plan.traces.windows import UNITS, write_tables
 
 
-@click.group()
+@click.group(cls=Group)
 def profile() -> None:
     """Record or import routing traces and build activation tables."""
 
@@ -39,9 +39,10 @@ def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_n
 
 @profile.command("import")
 @click.argument("src", type=FILE)
-@click.option("--format", "fmt", type=click.Choice(list(IMPORTERS)), required=True, help="Source format.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Source format.")
 @click.option("--model", type=MODEL, help="Preset, config.json or model folder [default for esft: deepseek-v2-lite].")
-@outputs("Trace to write (.parquet); for SGLang stat dumps (counts only), tables (.npz).")
+@outputs("Trace to write (.parquet); for SGLang stat dumps and TensorRT-LLM statistics (counts only), tables "
+         "(.npz).")
 @click.option("--origin", help="Origin of every token [default: the file's name, or rank for megatron].")
 @NO_WEIGHTS
 def profile_import(src, fmt, model, output, quiet, as_json, origin, no_weights) -> None:

@@ -13,15 +13,16 @@ def percent(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def describe_trace(s: dict) -> str:
-    """A written trace or counts-only tables (the summary of profile_model or import_trace)."""
+def describe_trace(s: dict) -> list[str]:
+    """A written trace or counts-only tables (the summary of profile_model or import_trace), then its notes."""
     if s.get("tables"):
         what = f"activation tables of {s['tokens']} tokens (counts only, no co-activation)"
     else:
         what = f"{s['tokens']} tokens, {s['requests']} requests"
     origins = f", origins {', '.join(s['origins'])}" if "origins" in s else ""
     layers = s["layers"] if isinstance(s["layers"], int) else len(s["layers"])
-    return f"wrote {s['path']}: {what}{origins}, {layers} MoE layers, top-{s['top_k']}"
+    return ([f"wrote {s['path']}: {what}{origins}, {layers} MoE layers, top-{s['top_k']}"] +
+            [f"note: {n}" for n in s.get("notes", ())])
 
 
 def describe_tables(written) -> list[str]:
@@ -95,12 +96,15 @@ def describe_simulation(result: SimulationResult) -> list[str]:
 def describe_export(s: dict) -> list[str]:
     """The layout written, the flags the serving system needs, and what equal slots cost."""
     lines = [f"wrote {s['path']}: {s['ep_size']} EP ranks (rank i = server {', '.join(s['servers'])} in order), "
-             f"{s['slots_per_gpu']} slots per GPU, {s['physical_experts']} physical experts per layer"]
-    if s["format"] == "sglang":
-        lines.append(f"start SGLang with --ep-size {s['ep_size']} --ep-num-redundant-experts "
-                     f"{s['redundant_experts']} --init-expert-location {s['path']}")
+             f"{s['slots_per_gpu']} slots per GPU ({human_bytes(s['bytes_per_gpu'])}), {s['physical_experts']} "
+             f"physical experts per layer ({s['redundant_experts']} redundant)"]
+    if s["flags"]:
+        lines.append(f"start {s['system']} with {s['flags']}")
+    lines += [f"note: {n}" for n in s["notes"]]
     padded = {srv: n for srv, n in s["padding_bytes"].items() if n}
     if padded:
-        lines.append("equal slots per GPU add second copies: " + ", ".join(f"{srv} +{human_bytes(n)}"
-                                                                         for srv, n in padded.items()))
+        # vLLM-Ascend's spare slots hold other experts (it cannot take two copies on one device)
+        kind = "replicas of experts hosted elsewhere" if s["format"] == "vllm-ascend" else "second copies"
+        lines.append(f"equal slots per GPU add {kind}: " + ", ".join(f"{srv} +{human_bytes(n)}"
+                                                                for srv, n in padded.items()))
     return lines

@@ -15,6 +15,7 @@ from prism_plan.traces.jsonl import iter_jsonl
 from prism_plan.traces.megatron import iter_megatron
 from prism_plan.traces.sglang import iter_sglang, sglang_tables
 from prism_plan.traces.trace import TraceWriter
+from prism_plan.traces.trtllm import trtllm_tables
 from prism_plan.traces.vllm import iter_vllm
 
 # format -> (src, model, quiet, origin, **options) -> Trace batches; options are the format's own keywords
@@ -25,12 +26,15 @@ IMPORTERS = {
     "vllm": lambda src, model, quiet, origin, **options: iter_vllm(src, model, origin, **options),
     "megatron": lambda src, model, quiet, origin, **options: iter_megatron(src, model, origin, **options),
 }
+# format -> (src, model, origin, **options) -> ActivationTables: dumps of counts only (SGLang stat, TensorRT-LLM)
+TABLE_IMPORTERS = {"sglang": sglang_tables, "trtllm": trtllm_tables}
+FORMATS = tuple(sorted(set(IMPORTERS) | set(TABLE_IMPORTERS)))
 
 
 def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec | str | Path | None = None,
                  weights: bool = True, quiet: bool = False, origin: str | None = None, **options) -> dict:
-    """Convert `src` in format `fmt` to a Parquet trace at `out` (written atomically); SGLang `stat` dumps,
-    which hold counts only, become activation tables when `out` ends in `.npz`.
+    """Convert `src` in format `fmt` to a Parquet trace at `out` (written atomically); SGLang `stat` dumps and
+    TensorRT-LLM statistics (`trtllm`), which hold counts only, become activation tables when `out` ends in `.npz`.
 
     weights: keep gate weights when the source has them (False makes a much smaller file). origin: the origin
     of every token (formats that do not name one default to the file's name or rank). options: keywords of the
@@ -38,8 +42,8 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
     model: a preset, config.json, model folder or ModelSpec (default for esft: deepseek-v2-lite, the bundled
     data's model). Returns a summary: tokens, requests, origins, layers, top_k.
     """
-    if fmt not in IMPORTERS:
-        raise PrismError(f"unknown trace format {fmt!r}; choose one of {sorted(IMPORTERS)}", parameters=("fmt",))
+    if fmt not in FORMATS:
+        raise PrismError(f"unknown trace format {fmt!r}; choose one of {list(FORMATS)}", parameters=("fmt",))
     if model is None and fmt != "esft":
         raise PrismError(f"{fmt} dumps do not say which model they come from: pass `model` (a preset, a config.json "
                          f"or a model folder)", parameters=("model",))
@@ -48,11 +52,14 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
                          parameters=("origin",))
     model = resolve_model("deepseek-v2-lite" if model is None else model)
     options = {k: v for k, v in options.items() if v is not None}
+    if fmt not in IMPORTERS and Path(out).suffix != ".npz":
+        raise PrismError(f"{fmt} dumps hold counts only: write `out` as a .npz file (activation tables)",
+                         parameters=("out",))
     if Path(out).suffix == ".npz":
-        if fmt != "sglang":
+        if fmt not in TABLE_IMPORTERS:
             raise PrismError(f"{fmt} sources become traces: write `out` as a .parquet file, then build tables from it",
                              parameters=("out",))
-        tables = sglang_tables(src, model, origin, **options)
+        tables = TABLE_IMPORTERS[fmt](src, model, origin, **options)
         tables.save(out)
         return {"path": str(out), "format": fmt, "tables": True, "tokens": int(tables.tokens.sum()),
                 "origins": list(tables.origins), "layers": len(tables.layers), "top_k": model.top_k,
