@@ -51,6 +51,20 @@ class Finite(click.FloatRange):
         return number
 
 
+class Counts(click.ParamType):
+    """Comma-separated whole numbers (at least one, none negative): `13,14`."""
+
+    name = "n,n,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        if not all(p.strip().isdigit() for p in parts):
+            self.fail(f"{value!r} is not a comma-separated list of whole numbers such as 13,14", param, ctx)
+        return tuple(int(p) for p in parts)
+
+
 FILE = Input(path_type=Path)
 OUT = Output()
 POSITIVE_SECONDS = Finite(min=0, min_open=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from prism_plan.cli_options import FILE, Group, MODEL, NO_WEIGHTS, outputs, say
+from prism_plan.cli_options import Counts, FILE, Group, MODEL, NO_WEIGHTS, outputs, say
 from prism_plan.messages import describe_drift, describe_tables, describe_trace
 from prism_plan.progress import spinner
 from prism_plan.traces.drift import write_drifting_workload
@@ -44,10 +44,21 @@ def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_n
 @outputs("Trace to write (.parquet); for SGLang stat dumps and TensorRT-LLM statistics (counts only), tables "
          "(.npz).")
 @click.option("--origin", help="Origin of every token [default: the file's name, or rank for megatron].")
+@click.option("--rank", type=click.IntRange(min=0), help="sglang: keep only this rank's records (when every EP rank "
+              "recorded the same tokens) [default: every rank].")
+@click.option("--prompt-tokens", type=click.IntRange(min=0), help="vllm: prompt tokens of each request whose source "
+              "does not list its prompt_token_ids; later tokens are decode [default: unknown, all prefill].")
+@click.option("--pipeline-stages", type=click.IntRange(min=1), help="megatron: pipeline stages, layers split evenly; "
+              "needed only when the records leave the split open.")
+@click.option("--stage-layers", type=Counts(), help="megatron: hidden layers per pipeline stage, in order, for "
+              "uneven splits (e.g. 13,14).")
 @NO_WEIGHTS
-def profile_import(src, fmt, model, output, quiet, as_json, origin, no_weights) -> None:
-    """Convert routing recorded elsewhere (ESFT, SGLang, vLLM, Megatron-Core, generic JSONL) to a Parquet trace."""
-    s = import_trace(fmt, src, output, model=model, weights=not no_weights, quiet=quiet, origin=origin)
+def profile_import(src, fmt, model, output, quiet, as_json, origin, rank, prompt_tokens, pipeline_stages,
+                   stage_layers, no_weights) -> None:
+    """Convert routing recorded elsewhere (ESFT, SGLang, vLLM, Megatron-Core, TensorRT-LLM, generic JSONL) to a
+    Parquet trace (or counts-only tables)."""
+    s = import_trace(fmt, src, output, model=model, weights=not no_weights, quiet=quiet, origin=origin, rank=rank,
+                     prompt_tokens=prompt_tokens, pipeline_stages=pipeline_stages, stage_layers=stage_layers)
     say(as_json, s, describe_trace(s))
 
 

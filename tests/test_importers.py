@@ -1,12 +1,17 @@
 """Importers for SGLang, vLLM and Megatron-Core routing dumps: shapes as those systems write them."""
 
+import base64
+import io
 import json
+import re
 
 import numpy as np
 import pytest
 
 from prism_plan.cli import main
+from prism_plan.errors import PrismError
 from prism_plan.placement.model import resolve_model
+from prism_plan.traces.importing import import_trace
 from prism_plan.traces.tables import ActivationTables, tables_from_trace
 from prism_plan.traces.trace import load_trace
 
@@ -111,10 +116,57 @@ def test_vllm_routed_experts_from_npy_npz_and_a_folder(tmp_path, capsys, config)
     trace = load_trace(tmp_path / "t.parquet")
     assert trace.origins == ("chat", "code")
     assert np.array_equal(trace.experts, np.concatenate([a, b, c]))
-    np.save(folder / "chat.npy", np.argsort(rng.random((4, 4, 8)), axis=2)[:, :, :2])  # all hidden layers
+    hidden = np.zeros((4, 4, 2), np.uint8)  # all hidden layers, as vLLM returns them: dense layer 0 stays zero
+    hidden[:, 1:] = a
+    np.save(folder / "chat.npy", hidden)
+    code, out, _ = run(capsys, "profile", "import", "--format", "vllm", folder, "--model", config, "-o",
+                       tmp_path / "u.parquet", "--json")
+    assert code == 0 and np.array_equal(load_trace(tmp_path / "u.parquet").experts, np.concatenate([a, b, c]))
+    hidden[2, 0] = [1, 0]
+    np.save(folder / "chat.npy", hidden)
     code, _, err = run(capsys, "profile", "import", "--format", "vllm", folder, "--model", config, "-o",
-                       tmp_path / "u.parquet")
-    assert code == 2 and "[tokens, 3, 2] (MoE layers only)" in err
+                       tmp_path / "v.parquet")
+    assert code == 2 and "layer 0 has expert ids" in err and "dense layers zero" in err
+    np.save(folder / "chat.npy", np.zeros((4, 5, 2), np.uint8))
+    code, _, err = run(capsys, "profile", "import", "--format", "vllm", folder, "--model", config, "-o",
+                       tmp_path / "v.parquet")
+    assert code == 2 and "[tokens, 4, 2] (all hidden layers, as vLLM returns them) or [tokens, 3, 2]" in err
+
+
+def vllm_b64(arr: np.ndarray) -> str:
+    """`arr` as vLLM's OpenAI server writes routed_experts: base64 of its .npy bytes."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_vllm_prompt_and_generated_tokens_become_prefill_and_decode(tmp_path, dsv2):
+    rng = np.random.default_rng(5)
+    routed = np.zeros((7, 27, 6), np.uint8)  # DeepSeek-V2-Lite: 27 hidden layers, layer 0 dense
+    routed[:, 1:] = np.argsort(rng.random((7, 26, 64)), axis=2)[:, :, :6]
+    np.save(tmp_path / "r.npy", routed)
+    import_trace("vllm", tmp_path / "r.npy", tmp_path / "a.parquet", model=dsv2, prompt_tokens=5)
+    trace = load_trace(tmp_path / "a.parquet")
+    assert trace.meta.layers == tuple(range(1, 27)) and np.array_equal(trace.experts, routed[:, 1:])
+    assert trace.position.tolist() == list(range(7)) and trace.decode.tolist() == [False] * 5 + [True] * 2
+    # a completion with prompt_token_ids and token_ids: 5 prompt + 3 generated tokens, the last one not run;
+    # the second choice's request skipped its first 2 prompt tokens (routed_experts_prompt_start=2)
+    response = {"object": "text_completion", "choices": [
+        {"index": 0, "prompt_token_ids": [1] * 5, "token_ids": [2] * 3, "routed_experts": vllm_b64(routed)},
+        {"index": 1, "prompt_token_ids": [1] * 5, "token_ids": [2] * 3, "routed_experts": vllm_b64(routed[2:])},
+        {"index": 2, "routed_experts": None}]}
+    (tmp_path / "resp.json").write_text(json.dumps(response))
+    summary = import_trace("vllm", tmp_path / "resp.json", tmp_path / "b.parquet", model=dsv2)
+    trace = load_trace(tmp_path / "b.parquet")
+    assert summary["requests"] == 2 and trace.request.tolist() == [0] * 7 + [1] * 5
+    assert trace.position.tolist() == list(range(7)) + list(range(2, 7))
+    assert trace.decode.tolist() == [False] * 5 + [True] * 2 + [False] * 3 + [True] * 2
+    with pytest.raises(PrismError, match="lists 5 prompt tokens, but prompt_tokens=4"):
+        import_trace("vllm", tmp_path / "resp.json", tmp_path / "c.parquet", model=dsv2, prompt_tokens=4)
+    response["choices"][0]["token_ids"] = [2]
+    (tmp_path / "resp.json").write_text(json.dumps(response))
+    with pytest.raises(PrismError, match="7 rows of routed experts for 5 prompt and 1 generated tokens"):
+        import_trace("vllm", tmp_path / "resp.json", tmp_path / "c.parquet", model=dsv2)
 
 
 def megatron_records(rng, steps=2, tokens=3, layers=(2, 3, 4)):
@@ -140,6 +192,33 @@ def test_megatron_router_trace(tmp_path, capsys, config):
     first_step_layer_2 = np.array(records[0]["top_indices"])  # Megatron layer 2 = model layer 1
     assert np.array_equal(trace.experts[:3, 0], first_step_layer_2)
     assert tables_from_trace(tmp_path / "t.parquet").freq.sum() == 6 * 3 * 2
+
+
+def test_megatron_micro_batches_and_pipeline_stages(tmp_path, config):
+    """Hook-path records of two stages (hidden layers 0-1 on rank 0, 2-3 on rank 1, numbered stage-locally), two
+    micro-batches per step: each micro-batch is a request whose tokens take their layers from both ranks."""
+    rng = np.random.default_rng(4)
+    ids = np.argsort(rng.random((2, 2, 3, 3, 8)), axis=-1)[..., :2]  # [step, micro-batch, tokens, MoE layer, k]
+    files = {0: [], 1: []}
+    for step in range(2):
+        for micro in range(2):
+            for moe, (rank, local) in enumerate([(0, 1), (1, 0), (1, 1)]):  # model layers 1, 2, 3
+                files[rank].append({"step": step + 5, "stage": "pre_dispatch", "block": "decoder", "layer": local,
+                                    "rank": rank, "num_tokens": 3, "topk": 2,
+                                    "top_indices": ids[step, micro, :, moe].tolist()})
+    for rank, records in files.items():
+        (tmp_path / f"router_trace_rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = import_trace("megatron", tmp_path, tmp_path / "t.parquet", model=config)
+    trace = load_trace(tmp_path / "t.parquet")
+    assert summary["requests"] == 4 and trace.origins == ("rank0",)
+    assert trace.request.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert np.array_equal(trace.experts, ids.reshape(12, 3, 2))
+    for options, message in [({"stage_layers": (2, 1)}, "hold 3 layers, but model"),
+                             ({"pipeline_stages": 3}, "do not split evenly into 3"),
+                             ({"pipeline_stages": 4, "stage_layers": (2, 2)}, "names 2 stages"),
+                             ({"stage_layers": (3, 1)}, "rank 1 (stage 1, hidden layers 3..3) recorded layers [0, 1]")]:
+        with pytest.raises(PrismError, match=re.escape(message)):
+            import_trace("megatron", tmp_path, tmp_path / "u.parquet", model=config, **options)
 
 
 @pytest.mark.parametrize("records, message", [

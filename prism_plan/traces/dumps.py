@@ -3,6 +3,7 @@ exact JSON integers or finite numbers they hold (scalars are checked with prism_
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 import zlib
@@ -116,16 +117,19 @@ def json_numbers(value: object, name: str, line: JsonLine) -> np.ndarray:
     return arr
 
 
+def _numpy_why(e: BaseException) -> str:
+    """Why numpy could not read bytes as its file format, for a message."""
+    if isinstance(e, EOFError):
+        return "it is empty or cut short"
+    if "allow_pickle" in str(e) or "pickled" in str(e):  # numpy's guess for bytes it does not know
+        return "it holds Python objects or bytes numpy does not read as arrays"
+    return reason(e)
+
+
 def _numpy_error(path: Path, what: str, fix: str, e: BaseException) -> PrismError:
     if isinstance(e, OSError) and not isinstance(e, zipfile.BadZipFile):
         return read_error(path, what, e)
-    if isinstance(e, EOFError):
-        why = "it is empty or cut short"
-    elif "allow_pickle" in str(e) or "pickled" in str(e):  # numpy's guess for bytes it does not know
-        why = "it holds Python objects or bytes numpy does not read as arrays"
-    else:
-        why = reason(e)
-    return PrismError(f"{path} is not a {what} ({why}); {fix}")
+    return PrismError(f"{path} is not a {what} ({_numpy_why(e)}); {fix}")
 
 
 # What numpy raises for bytes that are not (or no longer) its file format; pickles are never loaded.
@@ -145,6 +149,18 @@ def read_npy(path: Path, what: str, fix: str) -> np.ndarray:
     if not isinstance(arr, np.ndarray):
         arr.close()
         raise PrismError(f"{path} is a .npz archive, not a {what}; {fix}")
+    return arr
+
+
+def npy_bytes(data: bytes, where: str, fix: str) -> np.ndarray:
+    """The array in the bytes of a `.npy` file (pickles refused); a PrismError naming `where` and `fix` otherwise."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except _NUMPY_ERRORS as e:
+        raise PrismError(f"{where} is not a .npy array ({_numpy_why(e)}); {fix}")
+    if not isinstance(arr, np.ndarray):
+        arr.close()
+        raise PrismError(f"{where} is a .npz archive, not a .npy array; {fix}")
     return arr
 
 

@@ -29,6 +29,8 @@ IMPORTERS = {
 # format -> (src, model, origin, **options) -> ActivationTables: dumps of counts only (SGLang stat, TensorRT-LLM)
 TABLE_IMPORTERS = {"sglang": sglang_tables, "trtllm": trtllm_tables}
 FORMATS = tuple(sorted(set(IMPORTERS) | set(TABLE_IMPORTERS)))
+# format -> the keywords its reader takes
+OPTIONS = {"sglang": ("rank",), "vllm": ("prompt_tokens",), "megatron": ("pipeline_stages", "stage_layers")}
 
 
 def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec | str | Path | None = None,
@@ -52,6 +54,9 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
                          parameters=("origin",))
     model = resolve_model("deepseek-v2-lite" if model is None else model)
     options = {k: v for k, v in options.items() if v is not None}
+    stray = sorted(set(options) - set(OPTIONS.get(fmt, ())))
+    if stray:
+        raise PrismError(f"`{stray[0]}` does not apply to {fmt} sources; leave it out", parameters=(stray[0],))
     if fmt not in IMPORTERS and Path(out).suffix != ".npz":
         raise PrismError(f"{fmt} dumps hold counts only: write `out` as a .npz file (activation tables)",
                          parameters=("out",))

@@ -4,6 +4,8 @@ tables file (`solve`, `migrate`, `export`) refuses them with one line naming the
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 from typing import Callable
@@ -77,6 +79,20 @@ def sglang_records(torch, ids=None, p2l=None, **record):
 SGLANG = ("profile", "import", "--format", "sglang", "d.pt", "--model", "model", "-o", "out.parquet")
 SGLANG_STAT = ("profile", "import", "--format", "sglang", "d.pt", "--model", "model", "-o", "out.npz")
 VLLM = ("profile", "import", "--format", "vllm", "r.npy", "--model", "model", "-o", "out.parquet")
+VLLM_JSON = ("profile", "import", "--format", "vllm", "r.json", "--model", "model", "-o", "out.parquet")
+
+
+def npy_b64(arr: np.ndarray) -> str:
+    """`arr` as vLLM's server writes routed_experts: base64 of its .npy bytes (object arrays pickled, for the
+    case that tries one)."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def vllm_response(*choices: object) -> Callable[[Path], None]:
+    """r.json: a completion response with `choices`."""
+    return writes("r.json", json.dumps({"object": "text_completion", "choices": list(choices)}))
 
 
 def megatron(*records: object) -> Callable[[Path], None]:
@@ -92,6 +108,14 @@ def mrec(layer: int, **changes: object) -> dict:
 def mstep(**changes: object) -> list[dict]:
     """One step's records for Megatron layers 1..3 (the tiny model's 0..2), `changes` in the first."""
     return [mrec(1, **changes), mrec(2), mrec(3)]
+
+
+def megatron_ranks(ranks: dict[int, list[dict]]) -> Callable[[Path], None]:
+    """mt/router_trace_rank{r}.jsonl for each rank r: its records."""
+    def setup(d: Path) -> None:
+        for r, records in ranks.items():
+            writes(f"mt/router_trace_rank{r}.jsonl", "".join(json.dumps(x) + "\n" for x in records))(d)
+    return setup
 
 
 MEGATRON = ("profile", "import", "--format", "megatron", "mt", "--model", "model", "-o", "out.parquet")
@@ -328,7 +352,7 @@ CASES = [
                     (d / "r.npz").write_bytes((d / "full.npz").read_bytes()[:200]), (d / "full.npz").unlink())),
     Case("traces-vllm-pickled-npy", VLLM, "r.npy",
          lambda d: np.save(d / "r.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)),
-    Case("traces-vllm-wrong-shape", VLLM, "(MoE layers only)",
+    Case("traces-vllm-wrong-shape", VLLM, "(all hidden layers, as vLLM returns them)",
          lambda d: np.save(d / "r.npy", np.zeros((2, 4, 2), int))),
     Case("traces-vllm-only-folders", ("profile", "import", "--format", "vllm", "v", "--model", "model", "-o",
                                       "out.parquet"), "holds no",
@@ -336,6 +360,32 @@ CASES = [
     Case("traces-vllm-npy-named-npz", ("profile", "import", "--format", "vllm", "r.npz", "--model", "model", "-o",
                                        "out.parquet"), "single .npy array",
          lambda d: (np.save(d / "r.npy", np.zeros((2, 3, 2), int)), (d / "r.npy").rename(d / "r.npz"))),
+    Case("traces-vllm-response-no-choices", VLLM_JSON, "no list of `choices`", writes("r.json", '{"id": "x"}')),
+    Case("traces-vllm-response-list-of-numbers", VLLM_JSON, "no list of `choices`", writes("r.json", "[1, 2]")),
+    Case("traces-vllm-response-no-routing", VLLM_JSON, "--enable-return-routed-experts",
+         vllm_response({"index": 0, "text": "hi", "routed_experts": None})),
+    Case("traces-vllm-response-choice-not-object", VLLM_JSON, "a choice must be an object", vllm_response(3)),
+    Case("traces-vllm-response-not-base64", VLLM_JSON, "not base64", vllm_response({"routed_experts": "@@@"})),
+    Case("traces-vllm-response-number", VLLM_JSON, "base64 .npy string", vllm_response({"routed_experts": 7})),
+    Case("traces-vllm-response-not-npy", VLLM_JSON, "is not a .npy array",
+         vllm_response({"routed_experts": base64.b64encode(b"not numpy").decode()})),
+    Case("traces-vllm-response-empty-npy", VLLM_JSON, "empty or cut short", vllm_response({"routed_experts": ""})),
+    Case("traces-vllm-response-pickled", VLLM_JSON, "Python objects",
+         vllm_response({"routed_experts": npy_b64(np.array([{"a": 1}], dtype=object))})),
+    Case("traces-vllm-response-float-lists", VLLM_JSON, "integers only",
+         vllm_response({"routed_experts": [[[0.5, 1]] * 3]})),
+    Case("traces-vllm-response-bool-lists", VLLM_JSON, "integers only",
+         vllm_response({"routed_experts": [[[True, False]] * 3]})),
+    Case("traces-vllm-response-token-ids-string", VLLM_JSON, "`token_ids` must be a list",
+         vllm_response({"routed_experts": npy_b64(np.zeros((1, 3, 2), np.uint8)), "token_ids": "12"})),
+    Case("traces-vllm-response-too-many-rows", VLLM_JSON, "3 rows of routed experts for 1 prompt and 2 generated",
+         vllm_response({"routed_experts": npy_b64(np.tile(np.array([0, 1], np.uint8), (3, 3, 1))),
+                        "prompt_token_ids": [5], "token_ids": [6, 7]})),
+    Case("traces-vllm-response-jsonl-bad-line", ("profile", "import", "--format", "vllm", "r.jsonl", "--model",
+                                                 "model", "-o", "out.parquet"), "r.jsonl line 2",
+         writes("r.jsonl", json.dumps({"choices": [{"routed_experts": npy_b64(np.tile(np.array([0, 1], np.uint8),
+                                                                                      (1, 3, 1)))}]})
+                + "\n{not json\n")),
     # --- Megatron router traces ---
     Case("traces-megatron-float-ids", MEGATRON, "integer", megatron(*mstep(top_indices=[[3.7, 1]]))),
     Case("traces-megatron-string-ids", MEGATRON, "integer", megatron(*mstep(top_indices=[["3", "1"]]))),
@@ -351,6 +401,16 @@ CASES = [
     Case("traces-megatron-not-utf8", MEGATRON, "not UTF-8", writes("mt/router_trace_rank0.jsonl", b"\xff\xfe\n")),
     Case("traces-megatron-wrong-top-k", MEGATRON, "top_k=2", megatron(*mstep(top_indices=[[0, 1, 2]]))),
     Case("traces-megatron-topk-other", MEGATRON, "topk=3", megatron(*mstep(topk=3))),
+    Case("traces-megatron-rank-in-two-files", MEGATRON, "also has records in",
+         megatron_ranks({0: mstep(), 1: mstep()})),
+    Case("traces-megatron-micro-batch-missing-layer", MEGATRON, "micro-batch 1 of rank0's pipeline has no record",
+         megatron(*mstep(), mrec(1), mrec(2))),
+    Case("traces-megatron-micro-batch-token-counts", MEGATRON, "different token counts",
+         megatron(*mstep(num_tokens=2, top_indices=[[0, 1], [2, 3]]))),
+    Case("traces-megatron-pipeline-rank-missing", MEGATRON, "rank 1 has none",
+         megatron_ranks({0: [mrec(0, rank=0), mrec(1, rank=0)], 2: [mrec(0, rank=2)]})),
+    Case("traces-megatron-stage-ranks-out-of-order", MEGATRON, "default order",
+         megatron_ranks({0: [mrec(1, rank=0)], 1: [mrec(2, rank=1), mrec(3, rank=1)], 2: [mrec(1, rank=2)]})),
     # --- Parquet traces ---
     Case("traces-parquet-null-expert", TABLES, "null",
          parquet(column="experts", make=lambda t: pa.FixedSizeListArray.from_arrays(pa.array(
