@@ -46,6 +46,9 @@ def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_n
 @click.option("--origin", help="Origin of every token [default: the file's name, or rank for megatron].")
 @click.option("--rank", type=click.IntRange(min=0), help="sglang: keep only this rank's records (when every EP rank "
               "recorded the same tokens) [default: every rank].")
+@click.option("--counted-by", type=click.IntRange(min=1), help="sglang stat: ranks that each counted every token "
+              "(the TP size with --moe-a2a-backend none; 1 with an all-to-all backend such as DeepEP) [default: counts "
+              "as summed].")
 @click.option("--prompt-tokens", type=click.IntRange(min=0), help="vllm: prompt tokens of each request whose source "
               "does not list its prompt_token_ids; later tokens are decode [default: unknown, all prefill].")
 @click.option("--pipeline-stages", type=click.IntRange(min=1), help="megatron: pipeline stages, layers split evenly; "
@@ -53,12 +56,13 @@ def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_n
 @click.option("--stage-layers", type=Counts(), help="megatron: hidden layers per pipeline stage, in order, for "
               "uneven splits (e.g. 13,14).")
 @NO_WEIGHTS
-def profile_import(src, fmt, model, output, quiet, as_json, origin, rank, prompt_tokens, pipeline_stages,
-                   stage_layers, no_weights) -> None:
+def profile_import(src, fmt, model, output, quiet, as_json, origin, rank, counted_by, prompt_tokens,
+                   pipeline_stages, stage_layers, no_weights) -> None:
     """Convert routing recorded elsewhere (ESFT, SGLang, vLLM, Megatron-Core, TensorRT-LLM, generic JSONL) to a
     Parquet trace (or counts-only tables)."""
     s = import_trace(fmt, src, output, model=model, weights=not no_weights, quiet=quiet, origin=origin, rank=rank,
-                     prompt_tokens=prompt_tokens, pipeline_stages=pipeline_stages, stage_layers=stage_layers)
+                     counted_by=counted_by, prompt_tokens=prompt_tokens, pipeline_stages=pipeline_stages,
+                     stage_layers=stage_layers)
     say(as_json, s, describe_trace(s))
 
 

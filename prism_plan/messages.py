@@ -36,14 +36,15 @@ def describe_drift(s: dict) -> str:
             f"tables per window: prism-plan profile tables {s['path']} --window {s['window']} -o WINDOWS_DIR")
 
 
-def describe_plan(plan: Plan, path) -> str:
-    """The solver's evidence (a weak bound said so) and the plan's local coverage."""
+def describe_plan(plan: Plan, path) -> list[str]:
+    """The solver's evidence (a weak bound said so), the plan's local coverage, and how a baseline was adapted."""
     s, seconds = plan.solver, plan.timing.get("solve_seconds")
     bound = "n/a" if s["bound"] is None else format(s["bound"], ".6g")
     took = "" if seconds is None else f" in {seconds:.3f} s"
-    return (f"wrote {path}: {s['name']} {s['status']}{took}; {plan.objective} "
-            f"{s['objective']:.6g} ({s['measure']}), {'bound (weak)' if s.get('weak_bound') else 'bound'} {bound}, "
-            f"gap {percent(s['gap'], 3)}; local coverage {percent(plan.metrics['local_coverage'])}")
+    return ([f"wrote {path}: {s['name']} {s['status']}{took}; {plan.objective} "
+             f"{s['objective']:.6g} ({s['measure']}), {'bound (weak)' if s.get('weak_bound') else 'bound'} {bound}, "
+             f"gap {percent(s['gap'], 3)}; local coverage {percent(plan.metrics['local_coverage'])}"] +
+            ([f"note: {s['note']}"] if s.get("note") else []))
 
 
 def describe_migration(new: Plan, moves: MigrationPlan, plan_path, moves_path) -> list[str]:

@@ -136,3 +136,16 @@ def test_hash_ignores_formatting(tmp_path, edge4):
     copy = tmp_path / "c.toml"
     copy.write_text("# another comment\n" + BUNDLED_CLUSTER.read_text())
     assert load_cluster(copy).sha256() == edge4.sha256()
+
+
+def test_servers_name_their_node():
+    c = parse_cluster({"defaults": {}, "server": [server("a", node="n1"), server("b"), server("c", node="n0"),
+                                                  server("d", node="n1")]})
+    assert c.node_index.tolist() == [0, 1, 2, 0]  # a server without `node` is a node of its own
+    assert [s.node for s in c.servers] == ["n1", "", "n0", "n1"]
+    assert "node" not in c.to_dict()["servers"][1] and c.to_dict()["servers"][0]["node"] == "n1"
+    plain = parse_cluster({"defaults": {}, "server": [server("a"), server("b")]})
+    assert plain.node_index.tolist() == [0, 1] and "node" not in plain.to_dict()["servers"][0]
+    for bad in ("", 3):
+        with pytest.raises(PrismError, match="server 'a': `node` must be a non-empty string"):
+            parse_cluster({"defaults": {}, "server": [server("a", node=bad)]})

@@ -38,27 +38,52 @@ def per_token_dump(rng, tokens: int):
     p2l = np.tile(np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 3]), (4, 1))
     p2l[2] = np.roll(p2l[2], 1)
     phys = np.full((4, tokens, 8), -1)
-    phys[1:, :, :2] = np.stack([rng.choice(10, 2, replace=False) for _ in range(3 * tokens)]).reshape(3, tokens, 2)
+    for layer in range(1, 4):  # two distinct experts per token, each on one of its slots
+        for t in range(tokens):
+            phys[layer, t, :2] = [rng.choice(np.flatnonzero(p2l[layer] == e)) for e in rng.choice(8, 2, replace=False)]
     logical = p2l[np.arange(1, 4)[:, None, None], phys[1:, :, :2]].transpose(1, 0, 2)
     return phys, p2l, logical
 
 
-def test_sglang_per_token_maps_physical_to_logical_and_skips_padding(tmp_path, capsys, config):
+def sglang_record(phys, forward_pass_id, mode, positions, extend_seq_lens=None, rank=0):
+    """A per_token record as SGLang's recorder writes it (ForwardMode EXTEND=1, DECODE=2, MIXED=3)."""
+    import torch
+
+    return {"forward_pass_id": forward_pass_id, "rank": rank, "gatherer_key": "primary", "forward_mode": mode,
+            "input_ids": [7] * len(positions), "positions": positions, "extend_seq_lens": extend_seq_lens,
+            "topk_ids_of_layer": torch.tensor(phys, dtype=torch.int32), "misc_objects": []}
+
+
+def test_sglang_per_token_maps_physical_to_logical_phases_positions_and_requests(tmp_path, capsys, config):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     phys0, p2l, logical0 = per_token_dump(rng, 5)
-    phys1, _, logical1 = per_token_dump(rng, 3)
-    phys1[:, 2] = -1  # a padded token: -1 everywhere
-    records = [{"forward_pass_id": 0, "rank": 0, "gatherer_key": "primary", "topk_ids_of_layer": torch.tensor(phys0)},
-               {"forward_pass_id": 1, "rank": 0, "gatherer_key": "primary", "topk_ids_of_layer": torch.tensor(phys1)}]
+    phys1, _, logical1 = per_token_dump(rng, 2)
+    records = [sglang_record(phys0, 3, 1, [0, 1, 2, 6, 7], [3, 2]),  # two prompts, the second after 6 cached
+               sglang_record(np.full((4, 4, 8), -1), 4, 2, [3, 8, 9, 9]),  # a draft model's pass: not recorded
+               sglang_record(phys1, 4, 2, [3, 8])]  # their first decode tokens
     torch.save({"records": records, "last_physical_to_logical_map": torch.tensor(p2l)}, tmp_path / "dump.pt")
     code, out, _ = run(capsys, "profile", "import", "--format", "sglang", tmp_path / "dump.pt", "--model", config,
                        "--origin", "chat", "-o", tmp_path / "t.parquet", "--json")
-    assert code == 0 and json.loads(out)["tokens"] == 7
+    assert code == 0 and json.loads(out)["tokens"] == 7 and json.loads(out)["requests"] == 4
     trace = load_trace(tmp_path / "t.parquet")
     assert trace.meta.layers == (1, 2, 3) and trace.origins == ("chat",)
-    assert np.array_equal(trace.experts, np.concatenate([logical0, logical1[[0, 1]]]))
-    assert trace.request.tolist() == [0] * 5 + [1] * 2
+    assert np.array_equal(trace.experts, np.concatenate([logical0, logical1]))
+    assert trace.request.tolist() == [0, 0, 0, 1, 1, 2, 3]
+    assert trace.position.tolist() == [0, 1, 2, 6, 7, 3, 8]
+    assert trace.decode.tolist() == [False] * 5 + [True] * 2
+
+
+def test_sglang_mixed_pass_tells_the_decode_tail_from_prefill(tmp_path, config):
+    torch = pytest.importorskip("torch")
+    phys, p2l, _ = per_token_dump(np.random.default_rng(3), 6)
+    # prefill of 2 tokens, a one-token prompt (position 0: prefill), then two running requests' decode tokens
+    records = [sglang_record(phys, 0, 3, [0, 1, 0, 9, 4, 5], [2, 1, 1, 1, 1])]
+    torch.save({"records": records, "last_physical_to_logical_map": torch.tensor(p2l)}, tmp_path / "dump.pt")
+    import_trace("sglang", tmp_path / "dump.pt", tmp_path / "t.parquet", model=resolve_model(config))
+    trace = load_trace(tmp_path / "t.parquet")
+    assert trace.decode.tolist() == [False, False, False, True, True, True]
+    assert trace.request.tolist() == [0, 0, 1, 2, 3, 4]
 
 
 def test_sglang_stat_becomes_tables_without_coactivation(tmp_path, capsys, config):
@@ -73,12 +98,18 @@ def test_sglang_stat_becomes_tables_without_coactivation(tmp_path, capsys, confi
     assert code == 0 and json.loads(out)["coactivation"] is False
     t = ActivationTables.load(tmp_path / "t.npz")
     assert t.origins == ("stat",) and t.coact is None and t.meta["coactivation"] is False
+    assert t.meta["note"].startswith("SGLang's stat counts are summed over all ranks")
     assert np.array_equal(t.freq[0], count.sum(axis=0)[1:])
     (tmp_path / "c.toml").write_text('[defaults]\n[[server]]\nname="a"\nmemory_gib=1\norigins=["stat"]\n'
                                      '[[server]]\nname="b"\nmemory_gib=1\n')
     code, out, _ = run(capsys, "solve", "--tables", tmp_path / "t.npz", "--cluster", tmp_path / "c.toml", "--model",
                        config, "-o", tmp_path / "p.json", "--json")
     assert code == 0 and json.loads(out)["local_coverage"] == 1.0  # room for everything on the origin's server
+    count[0, 0, 3] = 1  # a count in dense layer 0: not this model's dump
+    torch.save({"rank": 0, "logical_count": torch.tensor(count)}, tmp_path / "stat.pt")
+    code, _, err = run(capsys, "profile", "import", "--format", "sglang", tmp_path / "stat.pt", "--model", config,
+                       "-o", tmp_path / "u.npz")
+    assert code == 2 and "hidden layer 0 holds counts" in err
 
 
 @pytest.mark.parametrize("break_it, message", [
@@ -88,11 +119,20 @@ def test_sglang_stat_becomes_tables_without_coactivation(tmp_path, capsys, confi
     (lambda d: d.update(last_physical_to_logical_map=d["last_physical_to_logical_map"][:, :4]),
      "physical id >= 4"),
     (lambda d: d["records"][0]["topk_ids_of_layer"][2, 0].fill_(-1), "has -1 among its top-2 ids"),
+    (lambda d: d["records"][0]["topk_ids_of_layer"][:, 3].fill_(-1), "1 of its 4 tokens (the first: 3) have no"),
+    (lambda d: d["records"][0]["topk_ids_of_layer"][0, 1, 0].fill_(2), "hidden layer 0 holds expert ids"),
+    (lambda d: d["records"][0].update(extend_seq_lens=[2, 1]), "summing to its 4 tokens"),
+    (lambda d: d["records"][0].update(extend_seq_lens=None), "extend_seq_lens"),
+    (lambda d: d["records"][0].update(forward_mode=6), "forward_mode 6 (DRAFT_EXTEND_V2) holds expert ids"),
+    (lambda d: d["records"][0].pop("forward_mode"), "no `forward_mode`"),
+    (lambda d: d["records"][0].update(positions=[0, 1, 2]), "3 positions for 4 input_ids"),
+    (lambda d: d["records"].append({**d["records"][0], "rank": 1}),
+     "ranks 0 and 1 recorded the same tokens and expert ids in forward pass 0"),
 ])
 def test_malformed_sglang_dumps_are_one_line(tmp_path, capsys, config, break_it, message):
     torch = pytest.importorskip("torch")
     phys, p2l, _ = per_token_dump(np.random.default_rng(1), 4)
-    dump = {"records": [{"forward_pass_id": 0, "topk_ids_of_layer": torch.tensor(phys)}],
+    dump = {"records": [sglang_record(phys, 0, 1, [0, 1, 2, 3], [4])],
             "last_physical_to_logical_map": torch.tensor(p2l)}
     break_it(dump)
     torch.save(dump, tmp_path / "bad.pt")

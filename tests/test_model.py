@@ -144,3 +144,18 @@ def test_configs_with_wrong_types_name_the_file(tmp_path, change, message):
     (tmp_path / "config.json").write_text("[1]")
     with pytest.raises(PrismError, match="must be a JSON object"):
         resolve_model(str(tmp_path))
+
+
+def test_expert_groups_come_from_n_group():
+    assert resolve_model("deepseek-v3").expert_groups == 8
+    assert resolve_model("deepseek-v2-lite").expert_groups == 1 and resolve_model("mixtral-8x7b").expert_groups == 1
+    v3 = resolve_model("deepseek-v3").to_dict()
+    assert v3["expert_groups"] == 8 and ModelSpec.from_dict(v3).expert_groups == 8
+    lite = resolve_model("deepseek-v2-lite").to_dict()
+    assert "expert_groups" not in lite  # optional: files written before it read and hash the same
+    assert ModelSpec.from_dict(lite).expert_groups == 1
+    assert from_hf_config({**MIXTRAL, "n_group": None}).expert_groups == 1
+    with pytest.raises(PrismError, match="4 experts do not split into 3 equal `expert_groups`"):
+        from_hf_config({**MIXTRAL, "n_group": 3})
+    with pytest.raises(PrismError, match="`n_group` must be an integer from 1 to 4"):
+        from_hf_config({**MIXTRAL, "n_group": 8})

@@ -87,7 +87,9 @@ def test_bounds_hold_for_every_placement(replay_problem):
 
 @pytest.mark.parametrize("objective", ["simulated_ttft", "traffic"])
 def test_local_search_never_worsens_its_start(replay_problem, objective):
-    start = get_solver("eplb").solve(replay_problem).hosted
+    # eplb-memory fills every server's memory; faithful EPLB leaves one copy per expert on edge-4, which swaps
+    # cannot improve without dropping a last copy
+    start = get_solver("eplb-memory").solve(replay_problem).hosted
     res = get_solver("local-search", time_limit=8, start=start).solve(replay_problem, objective)
     value = simulated_ttft_value if objective == "simulated_ttft" else traffic_value
     assert res.objective == pytest.approx(value(replay_problem, res.hosted))
@@ -101,10 +103,11 @@ def test_local_search_never_worsens_its_start(replay_problem, objective):
 def test_latency_plan_beats_the_baselines_on_unseen_requests(halves, replay_problem, edge4, dsv2):
     profile, evaluation = halves
     mean = {}
-    for name, objective in [("linear", "coverage"), ("eplb", "coverage"), ("exact", "latency")]:
+    for name, objective in [("linear", "coverage"), ("eplb", "coverage"), ("eplb-memory", "coverage"),
+                            ("exact", "latency")]:
         res = get_solver(name, time_limit=60).solve(replay_problem, objective)
         mean[name] = simulate(make_plan(replay_problem, res), evaluation, edge4).simulated_ttft
-    assert mean["exact"] < 0.8 * mean["eplb"] < 0.8 * mean["linear"]
+    assert mean["exact"] < 0.8 * min(mean["eplb"], mean["eplb-memory"], mean["linear"])
 
 
 def test_replay_objectives_need_the_trace(esft_tables, edge4, dsv2):
@@ -141,7 +144,7 @@ def test_time_limit_is_kept_by_the_milp(replay_problem):
 
 
 def test_local_search_with_max_iterations_is_the_same_on_every_run(replay_problem, monkeypatch):
-    start = get_solver("eplb").solve(replay_problem).hosted
+    start = get_solver("eplb-memory").solve(replay_problem).hosted
     search = lambda **kw: get_solver("local-search", start=start, **kw).solve(replay_problem, "traffic")  # noqa: E731
     runs = [search(max_iterations=12, time_limit=t) for t in (None, 600.0, 300.0)]
     assert all(np.array_equal(r.hosted, runs[0].hosted) and r.objective == runs[0].objective for r in runs)

@@ -195,3 +195,110 @@ def test_two_runs_give_the_same_plan_file_but_for_its_timing(esft_tables, edge4,
     assert "seconds" not in runs[0]["solver"]
     assert [{k: v for k, v in d.items() if k != "timing"} for d in runs] == [
         {k: v for k, v in runs[0].items() if k != "timing"}] * 2
+
+
+def even_cluster(memory_gib: float, servers: int = 4, nodes: list[str] | None = None):
+    """`servers` servers of equal memory, the ESFT domains on the first four; `nodes`: each server's node."""
+    origins = ["intent", "law", "summary", "translation"]
+    return parse_cluster({"defaults": {}, "server": [
+        {"name": f"g{i}", "memory_gib": memory_gib, "origins": origins[i:i + 1] if i < 4 else [f"none{i}"],
+         **({"node": nodes[i]} if nodes else {})} for i in range(servers)]})
+
+
+def layout_of(phy2log: np.ndarray, ranks: list[int], experts: int) -> np.ndarray:
+    """[servers, layers, experts] bool: slot j of each layer on server ranks[j // (slots / len(ranks))]."""
+    layers, slots = phy2log.shape
+    hosted = np.zeros((len(ranks), layers, experts), bool)
+    for l in range(layers):
+        for j, e in enumerate(phy2log[l]):
+            hosted[ranks[j * len(ranks) // slots], l, e] = True
+    return hosted
+
+
+def test_eplb_on_an_equal_cluster_is_deepseeks_layout(esft_tables, dsv2):
+    from prism_plan.solvers.eplb import rebalance
+
+    problem = build_problem(esft_tables, even_cluster(7.0), dsv2)  # 7 GiB hold 16 experts of each layer
+    res = get_solver("eplb").solve(problem)
+    phy2log = rebalance(problem.demand, 64, 1, 4, 4)[0]
+    assert (res.hosted == layout_of(phy2log, [0, 1, 2, 3], 64)).all()
+    assert (res.hosted.sum(axis=2) == 16).all() and "note" not in res.extra
+    roomy = build_problem(esft_tables, even_cluster(9.0), dsv2)  # 21 per layer: 84 slots for 64 experts
+    res = get_solver("eplb").solve(roomy)
+    assert (res.hosted == layout_of(rebalance(roomy.demand, 84, 1, 4, 4)[0], [0, 1, 2, 3], 64)).all()
+    twice = 84 * 26 - int(res.hosted.sum())
+    assert twice > 0 and res.extra["note"] == f"eplb: {twice} copies EPLB put on a GPU that held the expert " \
+                                              f"already count once"
+
+
+def test_eplb_on_edge4_keeps_eplbs_layout_within_memory_and_says_how(esft_tables, edge4, dsv2):
+    from prism_plan.solvers.eplb import rebalance
+
+    plan = solve_placement(esft_tables, edge4, dsv2, solver="eplb")
+    assert (plan.memory_bytes() <= edge4.budgets).all() and plan.hosted.sum(axis=0).min() == 1
+    note = plan.solver["note"]
+    assert note.startswith("eplb: EPLB needs 16 slots per GPU and layer (64 experts on 4 GPUs) but edge-a's "
+                           "6.00 GiB holds 14; EPLB's layout with 16 per GPU, then edge-a kept the copies of most "
+                           "load its memory holds: 44 experts moved to the least loaded servers with room, 0 spare "
+                           "copies dropped; ")
+    assert "memory left unused: 9.19 GiB in all (edge-d 5.04 GiB" in note
+    problem = build_problem(esft_tables, edge4, dsv2)
+    eplb = layout_of(rebalance(problem.demand, 64, 1, 4, 4)[0], [0, 1, 2, 3], 64)
+    assert not (plan.hosted[0] & ~eplb[0]).any()  # edge-a keeps part of its EPLB share, the others all of theirs
+    assert (plan.hosted[1:] >= eplb[1:]).all()
+    load = (plan.hosted * (problem.demand / plan.hosted.sum(axis=0))).sum(axis=2)  # [servers, layers]
+    assert (load.mean(axis=0) / load.max(axis=0)).mean() > 0.95  # EPLB's aim: about equal load per GPU
+
+
+def test_eplb_follows_nodes_and_expert_groups(esft_tables, dsv2):
+    from dataclasses import replace
+
+    from prism_plan.solvers.eplb import rebalance
+
+    model = replace(dsv2, expert_groups=4)
+    nodes = ["n0", "n1"] * 4  # servers of a node need not be adjacent in the file
+    problem = build_problem(esft_tables, even_cluster(4.0, 8, nodes), model)  # 9 slots per layer each
+    res = get_solver("eplb").solve(problem)
+    ranks = [0, 2, 4, 6, 1, 3, 5, 7]  # EPLB numbers GPUs node by node
+    assert (res.hosted == layout_of(rebalance(problem.demand, 72, 4, 2, 8)[0], ranks, 64)).all()
+    on_node = np.stack([res.hosted[0::2].any(axis=0), res.hosted[1::2].any(axis=0)])  # [nodes, layers, experts]
+    groups = on_node.reshape(2, 26, 4, 16)
+    assert (groups.all(axis=3) == groups.any(axis=3)).all() and (on_node.sum(axis=0) == 1).all()
+    uneven = build_problem(esft_tables, even_cluster(8.0, 4, ["n0", "n0", "n0", "n1"]), model)
+    note = get_solver("eplb").solve(uneven).extra["note"]
+    assert note.startswith("eplb: its nodes hold unequal numbers of servers (3, 1): one node")
+
+
+def test_adaptation_notes_print_under_the_comparison_table():
+    from prism_plan.studies.comparison import format_rows
+
+    row = {"objective": "coverage", "ttft_mean_s": 0.01, "ttft_p99_s": 0.02, "remote_bytes_per_token": 1e3,
+           "local_coverage": 0.5, "seconds": 0.1, "status": "heuristic", "gap": None, "weak_bound": False,
+           "simulated_ttft_s": 0.01}
+    rows = [{**row, "label": "linear"}, {**row, "label": "eplb", "note": "eplb: adapted " + "so " * 60},
+            {**row, "label": "greedy"}]
+    lines = format_rows(rows).splitlines()
+    assert lines[5].startswith("eplb: adapted so") and lines[6].startswith("  so")  # wrapped, after 3 rows
+
+
+def test_eplb_memory_fills_each_servers_memory(esft_tables, edge4, dsv2):
+    plan = solve_placement(esft_tables, edge4, dsv2, solver="eplb-memory")
+    assert (edge4.budgets - plan.memory_bytes() < 26 * dsv2.expert_bytes).all()
+
+
+@pytest.mark.parametrize("args, message, parameters", [
+    ((np.ones((2, 4)), 6, 1, 1, 4), "`num_replicas` 6 must be a multiple of `num_gpus` 4",
+     ("num_replicas", "num_gpus")),
+    ((np.ones((2, 4)), 3, 1, 1, 1), "`num_replicas` must be an integer of at least 4", ("num_replicas",)),
+    ((np.ones((2, 6)), 6, 4, 1, 1), "`num_groups` 4 must divide the 6 experts", ("num_groups",)),
+    ((np.ones((2, 4)), 6, 2, 2, 3), "`num_gpus` 3 must be a multiple of `num_nodes` 2", ("num_gpus", "num_nodes")),
+    ((np.ones(4), 4, 1, 1, 1), r"`weight` must be a \[layers, experts\] array", ("weight",)),
+    ((-np.ones((2, 4)), 4, 1, 1, 1), "`weight` must hold finite loads >= 0", ("weight",)),
+    ((np.full((2, 4), np.nan), 4, 1, 1, 1), "`weight` must hold finite loads", ("weight",)),
+])
+def test_rebalance_checks_its_arguments(args, message, parameters):
+    from prism_plan.solvers.eplb import rebalance
+
+    with pytest.raises(PrismError, match=message) as e:
+        rebalance(*args)
+    assert e.value.parameters == parameters

@@ -27,7 +27,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 GIB = 2**30
-_SERVER_KEYS = {"name", "memory_gib", "compute_tflops", "origins"}
+_SERVER_KEYS = {"name", "memory_gib", "compute_tflops", "origins", "node"}
 _LINK_KEYS = {"a", "b", "bandwidth_gbps", "latency_ms", "one_way"}
 _DEFAULT_KEYS = {"bandwidth_gbps", "latency_ms"}
 _TOP_KEYS = {"server", "link", "defaults", "matrix", "name"}
@@ -35,12 +35,14 @@ _TOP_KEYS = {"server", "link", "defaults", "matrix", "name"}
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One server: memory for routed experts (bytes), expert-FFN throughput (TFLOP/s), origins it receives."""
+    """One server: memory for routed experts (bytes), expert-FFN throughput (TFLOP/s), origins it receives, and
+    the node (machine) it is in ("": a node of its own)."""
 
     name: str
     memory_bytes: int
     compute_tflops: float
     origins: tuple[str, ...]
+    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,14 @@ class ClusterSpec:
         return np.array([s.compute_tflops for s in self.servers], dtype=float) * 1e12
 
     @property
+    def node_index(self) -> np.ndarray:
+        """[servers] int64, the node of each server, numbered in order of first appearance; a server without
+        `node` is a node of its own (a separate machine, as serving systems count nodes)."""
+        keys = [s.node or ("", i) for i, s in enumerate(self.servers)]
+        first: dict = {}
+        return np.array([first.setdefault(k, len(first)) for k in keys], dtype=np.int64)
+
+    @property
     def origin_server(self) -> dict[str, int]:
         """Origin name -> index of the server its requests arrive at."""
         return {o: i for i, s in enumerate(self.servers) for o in s.origins}
@@ -102,7 +112,8 @@ class ClusterSpec:
         return {
             "name": self.name,
             "servers": [{"name": s.name, "memory_bytes": s.memory_bytes, "compute_tflops": s.compute_tflops,
-                         "origins": list(s.origins)} for s in self.servers],
+                         "origins": list(s.origins), **({"node": s.node} if s.node else {})}
+                        for s in self.servers],
             "bandwidth": np.where(np.isinf(self.bandwidth), -1, self.bandwidth).tolist(),
             "latency": self.latency.tolist(),
         }
@@ -181,7 +192,9 @@ def parse_cluster(doc: Mapping[str, Any], source: str = "cluster") -> ClusterSpe
                 again = "twice" if owner[o] == name else f"already served by server {owner[o]!r}"
                 _fail(where, f"origin {o!r} is {again}; each origin arrives at exactly one server, list it once")
             owner[o] = name
-        servers.append(ServerSpec(name, int(round(memory * GIB)), compute, tuple(origins)))
+        node = text(raw["node"], f"{where}: `node`", fix="name the node (machine) the server is in, or leave "
+                                                         "`node` out") if "node" in raw else ""
+        servers.append(ServerSpec(name, int(round(memory * GIB)), compute, tuple(origins), node))
 
     bandwidth, latency = _link_matrices(doc, [s.name for s in servers], source)
     return ClusterSpec(tuple(servers), bandwidth, latency, name=cluster_name)

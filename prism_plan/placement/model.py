@@ -39,6 +39,8 @@ class ModelSpec:
     num_hidden_layers: all decoder layers, dense included (SGLang numbers layers this way).
     expert_flops: FLOPs one token costs in one routed expert (2 x its weights); 0 means estimate it from
         expert_bytes, taking one weight as act_bytes bytes.
+    expert_groups: groups of consecutive experts the router picks from (the HF config's `n_group`, 8 for
+        DeepSeek-V3); EPLB's hierarchical policy keeps each group on one node.
     """
 
     name: str
@@ -53,6 +55,7 @@ class ModelSpec:
     num_hidden_layers: int = 0
     family: str = ""
     expert_flops: int = 0
+    expert_groups: int = 1
 
     def __post_init__(self) -> None:
         where = f"model {self.name!r}"
@@ -81,6 +84,10 @@ class ModelSpec:
         integer(self.shared_experts, f"{where}: `shared_experts`", low=0, high=MAX_EXPERTS)
         integer(self.shared_expert_bytes, f"{where}: `shared_expert_bytes`", low=0, high=MAX_BYTES)
         integer(self.expert_flops, f"{where}: `expert_flops` (0: estimate it)", low=0, high=2**62)
+        integer(self.expert_groups, f"{where}: `expert_groups`", low=1, high=e)
+        if e % self.expert_groups:
+            raise PrismError(f"{where}: {e} experts do not split into {self.expert_groups} equal `expert_groups`; "
+                             f"give a divisor of {e} (the config's n_group)")
         if self.num_hidden_layers == 0:
             object.__setattr__(self, "num_hidden_layers", max(layers) + 1)
         integer(self.num_hidden_layers, f"{where}: `num_hidden_layers` (0: the last MoE layer + 1)",
@@ -116,6 +123,8 @@ class ModelSpec:
         d["layers"] = list(self.layers)
         if isinstance(self.expert_bytes, tuple):
             d["expert_bytes"] = list(self.expert_bytes)
+        if self.expert_groups == 1:  # an optional key: files written before it existed read and hash the same
+            del d["expert_groups"]
         return d
 
     @classmethod
@@ -262,6 +271,7 @@ def from_hf_config(config: Any, name: str | None = None) -> ModelSpec:
     expert_bytes = _weight_bytes(3 * hidden * inter, cfg, hidden, inter, where)
     if "gpt_oss" in family:
         expert_bytes += 2 * (2 * inter + hidden)  # GPT-OSS experts carry bf16 biases
+    groups = 1 if cfg.get("n_group") is None else _int(cfg, "n_group", where, high=n_experts)
     n_shared = 0 if cfg.get("n_shared_experts") is None else _int(cfg, "n_shared_experts", where, low=0,
                                                                   high=MAX_EXPERTS)
     shared_inter = 0 if cfg.get("shared_expert_intermediate_size") is None else _int(
@@ -277,7 +287,7 @@ def from_hf_config(config: Any, name: str | None = None) -> ModelSpec:
         return ModelSpec(name=str(name), layers=tuple(layers), num_experts=n_experts, top_k=top_k,
                          expert_bytes=expert_bytes, hidden_size=hidden, act_bytes=2, shared_experts=n_shared,
                          shared_expert_bytes=shared_bytes, num_hidden_layers=n_layers, family=family,
-                         expert_flops=2 * 3 * hidden * inter)
+                         expert_flops=2 * 3 * hidden * inter, expert_groups=groups)
     except PrismError as e:
         raise PrismError(f"{where}: {e}") from None
 
@@ -297,8 +307,8 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
         "torch_dtype": "bfloat16"},
     "deepseek-v3": {  # deepseek-ai/DeepSeek-V3 (FP8 weights with 128x128 block scales)
         "model_type": "deepseek_v3", "num_hidden_layers": 61, "first_k_dense_replace": 3, "moe_layer_freq": 1,
-        "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1, "hidden_size": 7168,
-        "moe_intermediate_size": 2048, "torch_dtype": "bfloat16",
+        "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1, "n_group": 8,
+        "hidden_size": 7168, "moe_intermediate_size": 2048, "torch_dtype": "bfloat16",
         "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
     "olmoe-1b-7b": {  # allenai/OLMoE-1B-7B-0924
         "model_type": "olmoe", "num_hidden_layers": 16, "num_experts": 64, "num_experts_per_tok": 8,

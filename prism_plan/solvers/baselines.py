@@ -1,6 +1,7 @@
 """Baselines the serving systems use today, for comparison: linear and round-robin (vLLM's static layouts),
-popularity (the global hottest experts everywhere, blind to origins), eplb (DeepSeek's load balancer) and
-random. Each generalises its original to servers of unequal memory as the docstrings say.
+popularity (the global hottest experts everywhere, blind to origins), eplb (DeepSeek's load balancer, with its
+equal slots per GPU), eplb-memory (its ideas in each server's own memory) and random. Each generalises its
+original to servers of unequal memory as the docstrings say.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import numpy as np
 from prism_plan.errors import InfeasibleError
 from prism_plan.solvers.base import Solver
 from prism_plan.solvers.deadline import UNLIMITED, Deadline
+from prism_plan.solvers.eplb import rebalance, replicate_experts
 from prism_plan.solvers.objectives import Objective
 from prism_plan.solvers.problem import PlacementProblem, Solution
 from prism_plan.solvers.repair import repair_coverage
+from prism_plan.units import human_bytes
 
 
 class LayoutSolver(Solver):
@@ -155,13 +158,129 @@ def _hottest_within(weight: np.ndarray, layer_bytes: np.ndarray, budget: int) ->
     return chosen.reshape(weight.shape)
 
 
-def eplb_replicate(load: np.ndarray, slots: int) -> np.ndarray:
-    """[experts] int copies: DeepSeek EPLB's replication, adding a copy to the expert with the highest load
-    per copy until `slots` copies exist. load: [experts]."""
-    count = np.ones(len(load), np.int64)
-    for _ in range(slots - len(load)):
-        count[np.argmax(load / count)] += 1
-    return count
+def eplb_ranks(problem: PlacementProblem) -> tuple[np.ndarray, int, str]:
+    """How the servers appear to EPLB: (server [servers] int64, the server of each EPLB rank, node by node;
+    the number of nodes EPLB is told; a note, "" unless the nodes had to be merged). Nodes are the cluster's
+    (a server without `node` is a node of its own, as SGLang and vLLM count machines); EPLB assumes equal GPUs
+    per node, so nodes of unequal size are given to it as one node (its global policy)."""
+    s_count = problem.shape[0]
+    node = np.arange(s_count) if problem.cluster is None else problem.cluster.node_index
+    server = np.argsort(node, kind="stable")
+    sizes = np.bincount(node)
+    if (sizes == sizes[0]).all():
+        return server, len(sizes), ""
+    return server, 1, f"its nodes hold unequal numbers of servers ({', '.join(map(str, sizes))}): one node"
+
+
+def eplb_slots_per_gpu(problem: PlacementProblem) -> tuple[int, int]:
+    """(slots every server gets in every layer, what the smallest server's memory holds): EPLB gives every GPU
+    the same slots, so the smallest server decides, but never fewer than ceil(experts / servers), which every
+    expert needs a slot, nor more than the experts (a server that holds each expert has no use for more)."""
+    s_count, _, e_count = problem.shape
+    held = int(problem.budget.min()) // int(problem.layer_bytes.sum())
+    return min(max(held, -(-e_count // s_count)), e_count), held
+
+
+def eplb_hosted(phy2log: np.ndarray, server: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """[servers, layers, experts] bool from EPLB's phy2log ([layers, slots]): slot j on rank j // (slots / ranks),
+    rank r on server[r]; two copies of one expert on one server count once."""
+    layers, slots = phy2log.shape
+    owner = server[np.arange(slots) // (slots // len(server))]
+    hosted = np.zeros(shape, bool)
+    hosted[owner[None, :], np.arange(layers)[:, None], phy2log] = True
+    return hosted
+
+
+def shed_to_memory(hosted: np.ndarray, cap: np.ndarray, load: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """`hosted` ([servers, layers, experts] bool) cut to at most cap ([servers, layers]) experts per server and
+    layer: a server over its cap drops its copies of least load per copy; an expert left with no copy goes, hottest
+    first, to the server with room that carries the least load (EPLB's packing rule); one that finds no room is
+    left to the solver's repair. load: [layers, experts]. Returns (hosted, experts moved, spare copies dropped)."""
+    hosted = hosted.copy()
+    moved = shed = orphaned = 0
+    for l in range(hosted.shape[1]):
+        h = hosted[:, l]  # a view: [servers, experts]
+        per_copy = load[l] / np.maximum(h.sum(axis=0), 1)
+        for s in np.flatnonzero(h.sum(axis=1) > cap[:, l]):
+            mine = np.flatnonzero(h[s])
+            h[s, mine[np.argsort(per_copy[mine], kind="stable")[:len(mine) - cap[s, l]]]] = False
+            shed += len(mine) - int(cap[s, l])
+        per_copy = load[l] / np.maximum(h.sum(axis=0), 1)
+        carried = (h * per_copy).sum(axis=1)
+        orphans = np.flatnonzero(~h.any(axis=0))
+        orphaned += len(orphans)
+        for e in orphans[np.argsort(-load[l, orphans], kind="stable")]:
+            room = np.flatnonzero(h.sum(axis=1) < cap[:, l])
+            if not len(room):
+                break
+            s = room[np.argmin(carried[room])]
+            h[s, e] = True
+            carried[s] += load[l, e]
+            moved += 1
+    return hosted, moved, shed - orphaned
+
+
+def _names(problem: PlacementProblem, servers) -> list[str]:
+    return [problem.server_names[s] if problem.server_names else f"server {s}" for s in servers]
+
+
+def unused_memory_note(problem: PlacementProblem, hosted: np.ndarray) -> str:
+    """"memory left unused: X in all (the servers with the most unused first)"; hosted: [servers, layers, experts]."""
+    unused = problem.budget - problem.memory(hosted)
+    top = [s for s in np.argsort(-unused, kind="stable") if unused[s] > 0]
+    shown = ", ".join(f"{n} {human_bytes(unused[s])}" for n, s in zip(_names(problem, top[:4]), top))
+    return f"memory left unused: {human_bytes(unused.sum())} in all ({shown}{', ...' if len(top) > 4 else ''})"
+
+
+def eplb_placement(problem: PlacementProblem) -> tuple[np.ndarray, str]:
+    """DeepSeek's EPLB (`prism_plan.solvers.eplb.rebalance`) on the cluster's servers as its GPUs, with the
+    model's expert groups and the cluster's nodes: every server the same slots in every layer, as EPLB
+    requires. Returns ([servers, layers, experts] bool, a note saying how the layout was adapted to this
+    cluster, "" when it was not).
+
+    Adaptations, each said in the note: servers of unequal memory all get what the smallest holds, the rest is
+    left unused; when the smallest holds fewer slots than ceil(experts / servers), EPLB runs with that many and
+    each server then keeps what its memory holds (`shed_to_memory`); copies EPLB puts twice on one GPU count once.
+    """
+    s_count, l_count, e_count = problem.shape
+    server, nodes, node_note = eplb_ranks(problem)
+    per_gpu, held = eplb_slots_per_gpu(problem)
+    groups = 1 if problem.model is None else problem.model.expert_groups
+    demand = problem.demand
+    phy2log, _, _ = rebalance(demand, per_gpu * s_count, groups, nodes, s_count)
+    hosted = eplb_hosted(phy2log, server, problem.shape)
+    notes = [node_note] if node_note else []
+    twice = per_gpu * s_count * l_count - int(hosted.sum())
+    if twice:
+        notes.append(f"{twice} copies EPLB put on a GPU that held the expert already count once")
+    smallest = int(np.argmin(problem.budget))
+    name, size = _names(problem, [smallest])[0], human_bytes(problem.budget[smallest])
+    if per_gpu > held:
+        fitted, moved, dropped = shed_to_memory(hosted, layer_slots(problem), demand)
+        over = ", ".join(_names(problem, np.flatnonzero((hosted & ~fitted).any(axis=(1, 2)))))
+        hosted = fitted
+        notes.insert(0, f"EPLB needs {per_gpu} slots per GPU and layer ({e_count} experts on {s_count} GPUs) but "
+                        f"{name}'s {size} holds {held}; EPLB's layout with {per_gpu} per GPU, then {over} kept "
+                        f"the copies of most load its memory holds: {moved} experts moved to the least loaded "
+                        f"servers with room, {dropped} spare copies dropped")
+    elif (problem.budget != problem.budget[0]).any():
+        holds = f"what {name}'s {size} holds" if per_gpu == held else f"every expert ({name}'s {size} holds {held})"
+        notes.insert(0, f"equal slots per GPU as EPLB requires: {per_gpu} per layer, {holds}")
+    if notes and (problem.budget != problem.budget[0]).any():
+        notes.append(unused_memory_note(problem, hosted))
+    return hosted, ("eplb: " + "; ".join(notes)) if notes else ""
+
+
+class EplbSolver(Solver):
+    """DeepSeek's EPLB: `eplb_placement`; the note on how it was adapted to the cluster goes into the plan's
+    solver evidence as `note`."""
+
+    name = "eplb"
+    summary = "DeepSeek EPLB: equal slots per GPU, hot experts replicated, copies packed to balance load"
+
+    def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:
+        hosted, note = eplb_placement(problem)
+        return Solution(hosted, "heuristic", extra={"note": note} if note else {})
 
 
 def eplb_pack(load: np.ndarray, count: np.ndarray, capacity: np.ndarray) -> np.ndarray:
@@ -185,30 +304,29 @@ def eplb_pack(load: np.ndarray, count: np.ndarray, capacity: np.ndarray) -> np.n
     return placed
 
 
-def eplb_placement(problem: PlacementProblem) -> np.ndarray:
-    """[servers, layers, experts] bool: DeepSeek's EPLB, re-implemented: per layer, replicate the hottest
-    experts (by global load) into every slot the servers have, then pack the copies to balance the load across
-    servers."""
+def eplb_memory_placement(problem: PlacementProblem) -> np.ndarray:
+    """[servers, layers, experts] bool: EPLB's two ideas fitted to each server's own memory instead of equal
+    slots: per layer, replicate the hottest experts (`replicate_experts`, by global load) into every slot the
+    servers have (`layer_slots`), at most one copy per server, then pack the copies to balance the load."""
     slots = layer_slots(problem)
-    demand = problem.demand
+    demand = problem.demand + 1e-12  # no load at all still makes a copy's share defined
     hosted = np.zeros(problem.shape, bool)
     for l in range(problem.shape[1]):
         cap = slots[:, l]
-        # A server holds at most one copy of an expert, so no expert needs more copies than servers.
-        total = min(int(cap.sum()), problem.shape[0] * problem.shape[2])
-        count = np.minimum(eplb_replicate(demand[l] + 1e-12, total), problem.shape[0])
-        hosted[:, l] = eplb_pack(demand[l] + 1e-12, count, cap)
+        total = min(max(int(cap.sum()), problem.shape[2]), problem.shape[0] * problem.shape[2])
+        count = np.minimum(replicate_experts(demand[l:l + 1], total)[2][0], problem.shape[0])
+        hosted[:, l] = eplb_pack(demand[l], count, cap)
     return hosted
 
 
-class EplbSolver(LayoutSolver):
-    """DeepSeek's EPLB: `eplb_placement`."""
+class EplbMemorySolver(LayoutSolver):
+    """EPLB's replication and packing into each server's own memory: `eplb_memory_placement`."""
 
-    name = "eplb"
-    summary = "DeepSeek EPLB: replicate hot experts, pack copies to balance load"
+    name = "eplb-memory"
+    summary = "EPLB's replicate and pack into each server's own memory (unequal slots, one copy per server)"
 
     def place(self, problem: PlacementProblem, deadline: Deadline) -> np.ndarray:
-        return eplb_placement(problem)
+        return eplb_memory_placement(problem)
 
 
 def random_placement(problem: PlacementProblem, seed: int = 0) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from prism_plan.pipeline import solve_problem
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.model import resolve_model
@@ -25,8 +27,8 @@ def compare(cluster: ClusterSpec, profile, evaluation, *, model: str = BUNDLED_M
             quiet: bool = True) -> tuple[list[dict], dict[str, Plan]]:
     """Plan from the `profile` trace with every row of ROWS, replay `evaluation` through each plan.
 
-    Returns (rows: label, objective, status, gap, weak_bound, solve seconds and the simulator's summary;
-    plans by label). time_limit: seconds per solve.
+    Returns (rows: label, objective, status, gap, weak_bound, solve seconds, the simulator's summary and, for a
+    baseline adapted to the cluster, `note` saying how; plans by label). time_limit: seconds per solve.
     """
     spec = resolve_model(model)
     problem = build_problem(build_tables([profile]), cluster, spec, trace=profile)
@@ -36,7 +38,8 @@ def compare(cluster: ClusterSpec, profile, evaluation, *, model: str = BUNDLED_M
         s = plan.solver
         sim = simulate(plan, evaluation, cluster).summary()
         rows.append({"label": label, "objective": objective, "status": s["status"], "gap": s["gap"],
-                     "weak_bound": s["weak_bound"], "seconds": plan.timing["solve_seconds"], **sim})
+                     "weak_bound": s["weak_bound"], "seconds": plan.timing["solve_seconds"], **sim,
+                     **({"note": s["note"]} if s.get("note") else {})})
     return rows, plans
 
 
@@ -52,7 +55,8 @@ def _gap(row: dict) -> str:
 
 
 def format_rows(rows: list[dict]) -> str:
-    """The comparison as an aligned text table, with the simulated time's change against linear and eplb."""
+    """The comparison as an aligned text table, with the simulated time's change against linear and eplb, and
+    under it the notes of baselines adapted to the cluster."""
     base = {r["label"]: r["simulated_ttft_s"] for r in rows}
     head = ["placement", "objective", "TTFT mean ms", "p99 ms", "remote kB/tok", "local cov", "solve s", "status",
             "gap", "vs linear", "vs eplb"]
@@ -65,6 +69,7 @@ def format_rows(rows: list[dict]) -> str:
              for row in [head] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
     best = best_row(rows)
+    lines += [textwrap.fill(r["note"], 116, subsequent_indent="  ") for r in rows if r.get("note")]
     if any(r["weak_bound"] for r in rows):
         lines.append("* against a cheap bound, loose by construction (no solver proved a tighter one); gaps of "
                      "different objectives do not compare")

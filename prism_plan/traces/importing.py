@@ -30,7 +30,7 @@ IMPORTERS = {
 TABLE_IMPORTERS = {"sglang": sglang_tables, "trtllm": trtllm_tables}
 FORMATS = tuple(sorted(set(IMPORTERS) | set(TABLE_IMPORTERS)))
 # format -> the keywords its reader takes
-OPTIONS = {"sglang": ("rank",), "vllm": ("prompt_tokens",), "megatron": ("pipeline_stages", "stage_layers")}
+OPTIONS = {"sglang": ("rank", "counted_by"), "vllm": ("prompt_tokens",), "megatron": ("pipeline_stages", "stage_layers")}
 
 
 def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec | str | Path | None = None,
@@ -68,7 +68,7 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
         tables.save(out)
         return {"path": str(out), "format": fmt, "tables": True, "tokens": int(tables.tokens.sum()),
                 "origins": list(tables.origins), "layers": len(tables.layers), "top_k": model.top_k,
-                "coactivation": False}
+                "coactivation": False, "notes": [tables.meta["note"]] if tables.meta.get("note") else []}
     batches = IMPORTERS[fmt](src, model, quiet, origin, **options)
     if not weights:
         batches = (replace(b, weights=None) for b in batches)

@@ -234,6 +234,22 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
                              "window": window})
 
 
+def count_tables(counts: dict[str, np.ndarray], model, source: str, empty: str,
+                 note: str | None = None) -> ActivationTables:
+    """Counts-only ActivationTables (no co-activation) from {origin: freq [MoE layers, experts]} of a dump that
+    counts activations (SGLang stat, TensorRT-LLM statistics). model: the ModelSpec; empty: the message when
+    every count is zero; note: what the counts mean, kept in meta["note"]."""
+    freq = np.stack(list(counts.values()))
+    if not freq.any():
+        raise PrismError(empty)
+    # every token activates top_k experts in each MoE layer: the busiest layer bounds the tokens from below
+    tokens = np.ceil(freq.sum(axis=2).max(axis=1) / model.top_k).astype(np.int64)
+    meta = {"model": model.name, "top_k": model.top_k, "source": source, "spec": model.to_dict(), "window": None,
+            "coactivation": False}
+    return ActivationTables(tuple(counts), model.layers, freq, tokens, None, None,
+                            meta if note is None else {**meta, "note": note})
+
+
 def tables_from_trace(path: str | Path, pairs: bool = True, quiet: bool = True) -> ActivationTables:
     """ActivationTables of a whole trace file, streamed batch by batch (a progress bar unless quiet)."""
     if not open_trace(path)[0].metadata.num_rows:

@@ -26,11 +26,16 @@ from prism_plan.fileio import read_user_json
 from prism_plan.placement.checks import integer
 from prism_plan.placement.model import ModelSpec
 from prism_plan.traces.dumps import read_error, reason
-from prism_plan.traces.tables import MAX_TOKENS, ActivationTables
+from prism_plan.traces.tables import MAX_TOKENS, ActivationTables, count_tables
 
 META = "meta_info.json"
 RECORD = re.compile(r"^(\d+)_(\d+)$")  # <iteration>_<layer>
 AGAIN = "record the statistics again with TensorRT-LLM"
+
+
+NOTE = ("TensorRT-LLM's statistics are summed over every rank's file, as its generate_eplb_config.py sums them: "
+        "without attention DP every rank counts the same tokens, so tokens are EP-size times those served "
+        "(per-token frequencies are right either way)")
 
 
 def trtllm_tables(src: str | Path, model: ModelSpec, origin: str | None = None) -> ActivationTables:
@@ -39,15 +44,9 @@ def trtllm_tables(src: str | Path, model: ModelSpec, origin: str | None = None) 
     for folder in dump_folders(Path(src)):
         name = origin or folder.name
         counts[name] = counts.get(name, 0) + dump_counts(folder, model)
-    freq = np.stack(list(counts.values()))
-    if not freq.any():
-        raise PrismError(f"{src}: the statistics hold no tokens (every count is 0); set EXPERT_STATISTIC_ITER_RANGE "
-                         f"to iterations in which the server handles traffic")
-    # every token activates top_k experts in each layer: the busiest layer bounds the tokens from below
-    tokens = np.ceil(freq.sum(axis=2).max(axis=1) / model.top_k).astype(np.int64)
-    return ActivationTables(tuple(counts), model.layers, freq, tokens, None, None,
-                            {"model": model.name, "top_k": model.top_k, "source": f"trtllm-stat:{Path(src).name}",
-                             "spec": model.to_dict(), "window": None, "coactivation": False})
+    return count_tables(counts, model, f"trtllm-stat:{Path(src).name}",
+                        f"{src}: the statistics hold no tokens (every count is 0); set EXPERT_STATISTIC_ITER_RANGE to "
+                        f"iterations in which the server handles traffic", NOTE)
 
 
 def dump_folders(src: Path) -> list[Path]:

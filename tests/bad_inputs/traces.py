@@ -70,13 +70,33 @@ def sglang_records(torch, ids=None, p2l=None, **record):
     if ids is None:
         ids = torch.full((3, 2, 8), -1, dtype=torch.int64)
         ids[:, :, :2] = torch.tensor([[0, 1], [2, 3]])
-    dump = {"records": [{"forward_pass_id": 0, "rank": 0, "topk_ids_of_layer": ids, **record}]}
+    dump = {"records": [{"forward_pass_id": 0, "rank": 0, "forward_mode": 1, "input_ids": [5, 9], "positions": [0, 1],
+                         "extend_seq_lens": [2], "topk_ids_of_layer": ids, **record}]}
     if p2l is not None:
         dump["last_physical_to_logical_map"] = p2l
     return dump
 
 
+def sglang_ranks(make: Callable[[object, int], object]) -> Callable[[Path], None]:
+    """sg/r0.pt and sg/r1.pt: torch.save(make(torch, rank)), one per_token dump per rank."""
+    def setup(d: Path) -> None:
+        (d / "sg").mkdir()
+        for rank in (0, 1):
+            torch_file(f"sg/r{rank}.pt", lambda t: make(t, rank))(d)
+    return setup
+
+
+def sglang_without(key: str) -> Callable[[object], object]:
+    """A per_token dump whose record lacks `key`."""
+    def make(torch) -> object:
+        dump = sglang_records(torch)
+        del dump["records"][0][key]
+        return dump
+    return make
+
+
 SGLANG = ("profile", "import", "--format", "sglang", "d.pt", "--model", "model", "-o", "out.parquet")
+SGLANG_RANKS = ("profile", "import", "--format", "sglang", "sg", "--model", "model", "-o", "out.parquet")
 SGLANG_STAT = ("profile", "import", "--format", "sglang", "d.pt", "--model", "model", "-o", "out.npz")
 VLLM = ("profile", "import", "--format", "vllm", "r.npy", "--model", "model", "-o", "out.parquet")
 VLLM_JSON = ("profile", "import", "--format", "vllm", "r.json", "--model", "model", "-o", "out.parquet")
@@ -329,6 +349,31 @@ CASES = [
          torch_file("d.pt", lambda t: {"logical_count": "many"})),
     Case("traces-sglang-stat-wrong-experts", SGLANG_STAT, "logical_count has shape",
          torch_file("d.pt", lambda t: {"logical_count": t.ones((1, 3, 5))})),
+    Case("traces-sglang-no-forward-mode", SGLANG, "no `forward_mode`",
+         torch_file("d.pt", sglang_without("forward_mode"))),
+    Case("traces-sglang-no-positions", SGLANG, "no `positions`", torch_file("d.pt", sglang_without("positions"))),
+    Case("traces-sglang-mode-unknown", SGLANG, "forward_mode 42 (unknown)",
+         torch_file("d.pt", lambda t: sglang_records(t, forward_mode=42))),
+    Case("traces-sglang-mode-draft", SGLANG, "DRAFT_EXTEND_V2",
+         torch_file("d.pt", lambda t: sglang_records(t, forward_mode=6))),
+    Case("traces-sglang-extend-lens-sum", SGLANG, "summing to its 2 tokens",
+         torch_file("d.pt", lambda t: sglang_records(t, extend_seq_lens=[3]))),
+    Case("traces-sglang-extend-lens-none", SGLANG, "extend_seq_lens",
+         torch_file("d.pt", lambda t: sglang_records(t, extend_seq_lens=None))),
+    Case("traces-sglang-position-negative", SGLANG, "position -1",
+         torch_file("d.pt", lambda t: sglang_records(t, positions=[0, -1]))),
+    Case("traces-sglang-positions-string", SGLANG, "`positions` must be a list of integers",
+         torch_file("d.pt", lambda t: sglang_records(t, positions="0 1"))),
+    Case("traces-sglang-unrouted-token", SGLANG, "have no expert ids",
+         torch_file("d.pt", lambda t: sglang_records(t, ids=t.tensor([[[0, 1] + [-1] * 6, [-1] * 8]] * 3)))),
+    Case("traces-sglang-same-tokens-two-ranks", SGLANG_RANKS, "dumps are copies; import one rank with --rank 0",
+         sglang_ranks(lambda t, rank: sglang_records(t, rank=rank))),
+    Case("traces-sglang-same-ids-other-tokens", SGLANG_RANKS, "same expert ids for different tokens",
+         sglang_ranks(lambda t, rank: sglang_records(t, rank=rank, input_ids=[5 + rank, 9]))),
+    Case("traces-sglang-rank-absent", SGLANG + ("--rank", "3"), "no record of rank 3; the dumps hold ranks [0]",
+         torch_file("d.pt", sglang_records)),
+    Case("traces-sglang-stat-rank", SGLANG_STAT + ("--rank", "0"), "so --rank selects nothing",
+         torch_file("d.pt", lambda t: {"logical_count": t.ones((1, 3, 6))})),
     Case("traces-sglang-bfloat16", SGLANG, "bfloat16",
          torch_file("d.pt", lambda t: sglang_records(t, ids=t.zeros((3, 2, 8), dtype=t.bfloat16)))),
     # --- vLLM routed experts ---
