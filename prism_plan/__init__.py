@@ -5,7 +5,7 @@ The pipeline from Python: `load_trace` or `import_trace` -> `tables_from_trace` 
 paths of their files.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from prism_plan.errors import InfeasibleError, MissingInputError, PrismError
 from prism_plan.pipeline import make_plan, migrate_placement, solve_placement, solve_problem
