@@ -16,11 +16,12 @@ from prism_plan.traces.tables import build_tables
 
 # (label, solver, objective): the serving systems' baselines first, then prism-plan's solvers.
 ROWS = [("linear", "linear", "coverage"), ("round-robin", "round-robin", "coverage"),
-        ("popularity", "popularity", "coverage"), ("eplb", "eplb", "coverage"), ("random", "random", "coverage"),
+        ("popularity", "popularity", "coverage"), ("eplb", "eplb", "coverage"),
+        ("eplb-memory", "eplb-memory", "coverage"), ("random", "random", "coverage"),
         ("greedy", "greedy", "coverage"), ("exact-coverage", "exact", "coverage"),
         ("latency-MILP", "exact", "latency"), ("traffic", "local-search", "traffic"),
         ("local-search", "local-search", "simulated_ttft")]
-BASELINES = ("linear", "round-robin", "popularity", "eplb", "random")
+BASELINES = ("linear", "round-robin", "popularity", "eplb", "eplb-memory", "random")
 
 
 def compare(cluster: ClusterSpec, profile, evaluation, *, model: str = BUNDLED_MODEL, time_limit: float = 60.0,
