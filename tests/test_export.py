@@ -3,6 +3,7 @@ flags each server needs, and the memory check against a cluster."""
 
 import json
 import shlex
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_every_export_names_its_servers_flags(plan, tmp_path):
     assert json.loads(args[4]) == {"eplb_config": {"expert_map_path": str(tmp_path / "v.json"),
                                                    "num_redundant_experts": v["physical_experts"] - 64}}
     t = export_plan(plan, "trtllm", tmp_path / "t.yaml")
-    assert "--ep_size 4" in t["flags"] and f"load_balancer: {tmp_path / 't.yaml'}" in t["notes"][0]
+    assert "--ep_size 4" in t["flags"] and f'load_balancer: "{tmp_path / "t.yaml"}"' in t["notes"][0]
     e = export_plan(plan, "eplb", tmp_path / "e.npz")
     assert e["flags"] is None and "phy2log" in e["notes"][0]
     lines = describe_export(v)
@@ -125,7 +126,17 @@ def test_an_export_that_overflows_a_server_is_refused(plan, edge4, tmp_path):
     with pytest.raises(PrismError, match="pass the cluster file the plan was made for"):
         export_plan(plan, "trtllm", tmp_path / "t.yaml", cluster=parse_cluster(
             {"server": [{"name": "x", "memory_gib": 99, "origins": ["intent"]}]}))
+    for fmt, name in [("sglang", "init.pt"), ("sglang", "init"), ("vllm-ascend", "MAP.JSON")]:
+        with pytest.raises(ExportError, match=r"reads the map as a JSON file only when its name ends in \.json"):
+            export_plan(plan, fmt, tmp_path / name)
     assert not any(tmp_path.iterdir())
+
+
+def test_sglang_export_says_when_sglang_ignores_the_location(plan, tmp_path):
+    mixtral = replace(plan, model=replace(plan.model, family="mixtral"))
+    notes = export_plan(mixtral, "sglang", tmp_path / "m.json")["notes"]
+    assert any("ignores --init-expert-location for this model" in n for n in notes)
+    assert not any("ignores" in n for n in export_plan(plan, "sglang", tmp_path / "d.json")["notes"])
     fits = export_plan(plan, "eplb", tmp_path / "e.npz", cluster=cluster_with([15.51] * 4))
     assert fits["bytes_per_gpu"] == 37 * 26 * 17301504
 

@@ -32,6 +32,11 @@ from prism_plan.units import human_bytes
 
 FORMATS = ("sglang", "vllm-ascend", "eplb", "trtllm")
 SYSTEMS = {"sglang": "SGLang", "vllm-ascend": "vLLM-Ascend", "eplb": "DeepSeek EPLB", "trtllm": "TensorRT-LLM"}
+# SGLang reads an --init-expert-location `.json` as JSON, a `.pt` with torch and any other name as inline JSON;
+# vLLM-Ascend's EplbConfig refuses an expert_map_path not ending in .json
+JSON_READERS = ("sglang", "vllm-ascend")
+# model_type of models whose SGLang 0.5 code has no get_model_config_for_expert_location: the file is ignored
+SGLANG_WITHOUT_EXPERT_LOCATION = ("mixtral", "olmoe", "phimoe")
 TRTLLM_KEYS = ("num_slots", "layer_updates_per_iter", "initial_global_assignments")
 
 
@@ -336,7 +341,7 @@ def server_flags(fmt: str, out: str | Path, ep: int, per: int, redundant: int) -
                  "rank and expert id, not by the plan's routing"])
     if fmt == "trtllm":
         return (f"--tp_size {ep} --ep_size {ep} --extra_llm_api_options OPTIONS.yaml",
-                [f"OPTIONS.yaml holds: moe_config: {{backend: WIDEEP, load_balancer: {out}}}"])
+                [f"OPTIONS.yaml holds: moe_config: {{backend: WIDEEP, load_balancer: {json.dumps(str(out))}}}"])
     return None, [f"phy2log [MoE layers, {ep * per}] (slot j on EP rank j // {per}), log2phy [MoE layers, E, most "
                   f"copies] (-1 padded) and logcnt [MoE layers, E] are DeepSeek EPLB's rebalance_experts outputs: give "
                   f"them to a loader that takes those arrays"]
@@ -350,6 +355,9 @@ def export_plan(plan: Plan | str | Path, fmt: str, out: str | Path, *, tables=No
     their extra bytes per server, the server's flags and notes."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}", parameters=("fmt",))
+    if fmt in JSON_READERS and Path(out).suffix != ".json":
+        raise ExportError(f"`out` {str(out)!r}: {SYSTEMS[fmt]} reads the map as a JSON file only when its name ends in "
+                          f".json; name it {Path(out).stem or 'map'}.json", parameters=("out",))
     plan, tables, cluster = loaded(plan, Plan), loaded(tables, ActivationTables), loaded(cluster, ClusterSpec)
     freq = None if tables is None else origin_activations(plan, tables)
     layout = physical_layout(plan, freq, distinct=fmt == "vllm-ascend")
@@ -368,6 +376,9 @@ def export_plan(plan: Plan | str | Path, fmt: str, out: str | Path, *, tables=No
     ep, per = len(plan.servers), layout.slots.shape[2]
     redundant = layout.physical - plan.model.num_experts
     flags, notes = server_flags(fmt, out, ep, per, redundant)
+    if fmt == "sglang" and plan.model.family in SGLANG_WITHOUT_EXPERT_LOCATION:
+        notes.append(f"SGLang 0.5's {plan.model.family} model code does not take an expert location "
+                     f"(no get_model_config_for_expert_location): it ignores --init-expert-location for this model")
     extra = layout.padding * int(plan.model.layer_bytes.max())
     return {"path": str(out), "format": fmt, "system": SYSTEMS[fmt], "ep_size": ep, "servers": list(plan.servers),
             "slots_per_gpu": per, "bytes_per_gpu": per * int(plan.model.layer_bytes.sum()),
