@@ -43,7 +43,8 @@ def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_n
 @click.option("--model", type=MODEL, help="Preset, config.json or model folder [default for esft: deepseek-v2-lite].")
 @outputs("Trace to write (.parquet); for SGLang stat dumps and TensorRT-LLM statistics (counts only), tables "
          "(.npz).")
-@click.option("--origin", help="Origin of every token [default: the file's name, or rank for megatron].")
+@click.option("--origin", help="Origin of every token [default: the file's name, the rank for megatron, the "
+              "dump folder for trtllm].")
 @click.option("--rank", type=click.IntRange(min=0), help="sglang: keep only this rank's records (when every EP rank "
               "recorded the same tokens) [default: every rank].")
 @click.option("--counted-by", type=click.IntRange(min=1), help="sglang stat: ranks that each counted every token "

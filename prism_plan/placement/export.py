@@ -35,8 +35,9 @@ SYSTEMS = {"sglang": "SGLang", "vllm-ascend": "vLLM-Ascend", "eplb": "DeepSeek E
 # SGLang reads an --init-expert-location `.json` as JSON, a `.pt` with torch and any other name as inline JSON;
 # vLLM-Ascend's EplbConfig refuses an expert_map_path not ending in .json
 JSON_READERS = ("sglang", "vllm-ascend")
-# model_type of models whose SGLang 0.5 code has no get_model_config_for_expert_location: the file is ignored
-SGLANG_WITHOUT_EXPERT_LOCATION = ("mixtral", "olmoe", "phimoe")
+# model_type of models whose SGLang 0.5.23 code defines get_model_config_for_expert_location (checked in the wheel);
+# SGLang ignores --init-expert-location for any other model
+SGLANG_EXPERT_LOCATION = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "qwen3_next", "gpt_oss", "glm4_moe")
 TRTLLM_KEYS = ("num_slots", "layer_updates_per_iter", "initial_global_assignments")
 
 
@@ -376,9 +377,11 @@ def export_plan(plan: Plan | str | Path, fmt: str, out: str | Path, *, tables=No
     ep, per = len(plan.servers), layout.slots.shape[2]
     redundant = layout.physical - plan.model.num_experts
     flags, notes = server_flags(fmt, out, ep, per, redundant)
-    if fmt == "sglang" and plan.model.family in SGLANG_WITHOUT_EXPERT_LOCATION:
-        notes.append(f"SGLang 0.5's {plan.model.family} model code does not take an expert location "
-                     f"(no get_model_config_for_expert_location): it ignores --init-expert-location for this model")
+    if fmt == "sglang" and plan.model.family not in SGLANG_EXPERT_LOCATION:
+        notes.append(f"SGLang takes an expert location only for models whose code defines "
+                     f"get_model_config_for_expert_location (in 0.5.23: {', '.join(SGLANG_EXPERT_LOCATION)}); for "
+                     f"model type {plan.model.family or 'unknown'!r} check it does, else it ignores "
+                     f"--init-expert-location for this model")
     extra = layout.padding * int(plan.model.layer_bytes.max())
     return {"path": str(out), "format": fmt, "system": SYSTEMS[fmt], "ep_size": ep, "servers": list(plan.servers),
             "slots_per_gpu": per, "bytes_per_gpu": per * int(plan.model.layer_bytes.sum()),

@@ -29,8 +29,9 @@ IMPORTERS = {
 # format -> (src, model, origin, **options) -> ActivationTables: dumps of counts only (SGLang stat, TensorRT-LLM)
 TABLE_IMPORTERS = {"sglang": sglang_tables, "trtllm": trtllm_tables}
 FORMATS = tuple(sorted(set(IMPORTERS) | set(TABLE_IMPORTERS)))
-# format -> the keywords its reader takes
-OPTIONS = {"sglang": ("rank", "counted_by"), "vllm": ("prompt_tokens",), "megatron": ("pipeline_stages", "stage_layers")}
+# format -> the keywords its trace reader takes, and those its counts reader (-o .npz) takes
+OPTIONS = {"sglang": ("rank",), "vllm": ("prompt_tokens",), "megatron": ("pipeline_stages", "stage_layers")}
+TABLE_OPTIONS = {"sglang": ("rank", "counted_by")}
 
 
 def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec | str | Path | None = None,
@@ -42,7 +43,8 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
     of every token (formats that do not name one default to the file's name or rank). options: keywords of the
     format's own reader (e.g. `rank` for sglang); None values are left out.
     model: a preset, config.json, model folder or ModelSpec (default for esft: deepseek-v2-lite, the bundled
-    data's model). Returns a summary: tokens, requests, origins, layers, top_k.
+    data's model). Returns a summary: path, format, tokens, origins, layers, top_k, and requests for a trace, or
+    tables: True, coactivation and notes (what the counts mean) for counts-only tables.
     """
     if fmt not in FORMATS:
         raise PrismError(f"unknown trace format {fmt!r}; choose one of {list(FORMATS)}", parameters=("fmt",))
@@ -54,13 +56,15 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
                          parameters=("origin",))
     model = resolve_model("deepseek-v2-lite" if model is None else model)
     options = {k: v for k, v in options.items() if v is not None}
-    stray = sorted(set(options) - set(OPTIONS.get(fmt, ())))
+    tables = Path(out).suffix == ".npz"
+    stray = sorted(set(options) - set((TABLE_OPTIONS if tables else OPTIONS).get(fmt, ())))
     if stray:
-        raise PrismError(f"`{stray[0]}` does not apply to {fmt} sources; leave it out", parameters=(stray[0],))
-    if fmt not in IMPORTERS and Path(out).suffix != ".npz":
+        what = "counts (-o .npz)" if tables else "traces"
+        raise PrismError(f"`{stray[0]}` does not apply to {fmt} {what}; leave it out", parameters=(stray[0],))
+    if fmt not in IMPORTERS and not tables:
         raise PrismError(f"{fmt} dumps hold counts only: write `out` as a .npz file (activation tables)",
                          parameters=("out",))
-    if Path(out).suffix == ".npz":
+    if tables:
         if fmt not in TABLE_IMPORTERS:
             raise PrismError(f"{fmt} sources become traces: write `out` as a .parquet file, then build tables from it",
                              parameters=("out",))

@@ -50,7 +50,7 @@ from prism_plan.placement.checks import integer
 from prism_plan.placement.model import ModelSpec
 from prism_plan.traces.dumps import dump_files, load_torch_file
 from prism_plan.traces.tables import MAX_TOKENS, ActivationTables, count_tables
-from prism_plan.traces.trace import Trace, TraceMeta, routing_ids
+from prism_plan.traces.trace import POSITION_MAX, Trace, TraceMeta, routing_ids
 
 FIX = "pass the right `model` or record the dump again"
 AGAIN = "record the dump again with SGLang"
@@ -60,7 +60,6 @@ MODES = {1: "EXTEND", 2: "DECODE", 3: "MIXED", 4: "IDLE", 5: "TARGET_VERIFY", 6:
 SEGMENTED = {1, 3, 8}  # extend passes: their tokens are extend_seq_lens segments, one per request
 DECODING = {2, 5}  # decode passes: one request per token
 MIXED = 3
-MAX_POSITION = 2 ** 31 - 1  # the trace's position column is int32
 
 
 def _moe_rows(arr: np.ndarray, model: ModelSpec, where: str, axis: int) -> np.ndarray:
@@ -265,8 +264,8 @@ def _record(rec: object, where: str) -> Record:
     input_ids, positions = (_int_list(rec[k], k, where) for k in ("input_ids", "positions"))
     if len(positions) != len(input_ids):
         raise PrismError(f"{where}: {len(positions)} positions for {len(input_ids)} input_ids; {AGAIN}")
-    if positions.size and (positions.min() < 0 or positions.max() > MAX_POSITION):
-        raise PrismError(f"{where}: position {positions[(positions < 0) | (positions > MAX_POSITION)][0]} is "
+    if positions.size and (positions.min() < 0 or positions.max() > POSITION_MAX):
+        raise PrismError(f"{where}: position {positions[(positions < 0) | (positions > POSITION_MAX)][0]} is "
                          f"outside 0..2**31 - 1; {AGAIN}")
     return Record(where, number["forward_pass_id"], number["rank"], number["forward_mode"], input_ids, positions,
                   rec["extend_seq_lens"])

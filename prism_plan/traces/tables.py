@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from prism_plan.errors import MissingInputError, PrismError
 from prism_plan.progress import track
 from prism_plan.traces.dumps import read_npz
 from prism_plan.traces.trace import Trace, checked_spec, iter_trace, open_trace
+
+if TYPE_CHECKING:
+    from prism_plan.placement.model import ModelSpec
 
 PREFIX = "activation tables: "
 MAX_TOKENS = 2 ** 53  # counts stay exact in float64
@@ -234,7 +237,7 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
                              "window": window})
 
 
-def count_tables(counts: dict[str, np.ndarray], model, source: str, empty: str,
+def count_tables(counts: dict[str, np.ndarray], model: ModelSpec, source: str, empty: str,
                  note: str | None = None) -> ActivationTables:
     """Counts-only ActivationTables (no co-activation) from {origin: freq [MoE layers, experts]} of a dump that
     counts activations (SGLang stat, TensorRT-LLM statistics). model: the ModelSpec; empty: the message when

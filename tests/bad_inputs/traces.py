@@ -316,6 +316,9 @@ CASES = [
     Case("traces-esft-src-is-file", ESFT, "is a file", writes("esft", "x")),
     Case("traces-esft-empty-folder", ESFT, "no ESFT domain folders", lambda d: (d / "esft").mkdir()),
     # --- SGLang dumps ---
+    Case("traces-sglang-counted-by-on-a-trace", (*SGLANG, "--counted-by", "2"),
+         "--counted-by does not apply to sglang traces",
+         torch_file("d.pt", lambda t: sglang_records(t, ids=t.zeros((3, 2, 8), dtype=t.int32)))),
     Case("traces-sglang-float-ids", SGLANG, "integer",
          torch_file("d.pt", lambda t: sglang_records(t, ids=t.full((3, 2, 8), 0.5)))),
     Case("traces-sglang-ids-below-minus-one", SGLANG, "-2",
