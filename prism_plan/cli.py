@@ -19,7 +19,7 @@ from prism_plan.executor.launch import apply_plan, launch
 from prism_plan.messages import (describe_export, describe_migration, describe_plan, describe_rank,
                                  describe_ranks, describe_simulation, migration_summary)
 from prism_plan.pipeline import migrate_placement, solve_placement
-from prism_plan.placement.cluster import GIB
+from prism_plan.placement.cluster import GIB, load_cluster
 from prism_plan.placement.export import export_plan, FORMATS as EXPORT_FORMATS
 from prism_plan.placement.simulator import simulate as replay
 from prism_plan.progress import spinner
@@ -61,11 +61,12 @@ cli.add_command(profile)
 def solve(tables, cluster, model, objective, solver, backend, trace, concurrency, start, time_limit, min_replicas,
           seed, max_iterations, output, quiet, as_json) -> None:
     """Solve for a placement and write the plan."""
-    with spinner(f"solving ({solver}, {objective})", quiet):
+    with spinner(f"solving ({solver}, {objective}{_limit(time_limit)})", quiet) as step:
         plan = solve_placement(tables, cluster, model, solver=solver, objective=objective, time_limit=time_limit,
                                min_replicas=min_replicas, seed=seed, backend=backend, trace=trace,
                                concurrency=concurrency, start=start, max_iterations=max_iterations)
-    plan.save(output)
+        step(f"writing {output}")
+        plan.save(output)
     say(as_json, {"path": str(output), **plan.summary()}, describe_plan(plan, output))
 
 
@@ -89,14 +90,19 @@ def solve(tables, cluster, model, objective, solver, backend, trace, concurrency
 def migrate(plan, tables, cluster, objective, budget_gib, move_cost, min_gain, min_replicas, backend, time_limit,
             output, quiet, as_json, moves) -> None:
     """Re-plan for new traffic from the current plan, moving only what pays, and write the ordered moves."""
-    with spinner(f"re-solving ({objective})", quiet):
+    with spinner(f"re-solving and ordering the moves ({objective}{_limit(time_limit)})", quiet) as step:
         new, steps = migrate_placement(plan, tables, cluster, objective=objective, move_cost=move_cost,
                                        budget_bytes=None if budget_gib is None else int(budget_gib * GIB),
                                        min_gain=min_gain, min_replicas=min_replicas, time_limit=time_limit,
                                        backend=backend)
-    steps.save(moves)
-    new.save(output)
+        step(f"writing {output} and {moves}")
+        steps.save(moves)
+        new.save(output)
     say(as_json, migration_summary(new, steps, output, moves), describe_migration(new, steps, output, moves))
+
+
+def _limit(seconds: float | None) -> str:
+    return "" if seconds is None else f", limit {seconds:g} s"
 
 
 @cli.command()
@@ -107,10 +113,11 @@ def migrate(plan, tables, cluster, objective, budget_gib, move_cost, min_gain, m
 @outputs("Write every number (per request, server and link) as JSON here [default: only print].", required=False)
 def simulate(plan, trace, cluster, concurrency, output, quiet, as_json) -> None:
     """Replay a trace through a plan: time to first token, time per output token, load and link traffic."""
+    cluster = load_cluster(cluster)
     result = replay(plan, trace, cluster, concurrency=concurrency, quiet=quiet)
     if output is not None:
         result.save(output)
-    say(as_json, result.summary(), describe_simulation(result))
+    say(as_json, result.summary(), describe_simulation(result, cluster, output))
 
 
 @cli.command()
@@ -176,14 +183,14 @@ def report(plan, tables, cluster, trace, layer, output, quiet, as_json, png) -> 
 
 
 @cli.command()
-@outputs("Folder for the tables and the fastest plan.", required=False, default=Path("prism-quickstart"),
+@outputs("Folder for the tables, the fastest plan and the two halves of the trace.", required=False, default=Path("prism-quickstart"),
          kind="folder")
 @click.option("--time-limit", type=POSITIVE_SECONDS, help="Seconds per solve [default: 10].")
 def quickstart(output, quiet, as_json, time_limit) -> None:
     """Run the whole path on the bundled real ESFT traces and a 4-server edge cluster: plan from half of each
     domain's requests with every solver, replay the other half, compare simulated latency."""
     rows = run_quickstart(output, time_limit=time_limit, quiet=quiet)
-    say(as_json, rows, [format_rows(rows), f"\ntables and the fastest plan are in {output}/"])
+    say(as_json, rows, [format_rows(rows), f"\ntables, the fastest plan and the two halves of the trace (profile.parquet, holdout.parquet) are in {output}/"])
 
 
 def _raise_interrupted(signum: int, frame) -> None:

@@ -1,24 +1,34 @@
 """What each step tells people: short accounts of traces, tables, plans, moves, replays and exports, in the
-units people read (ms, kB, GiB, %). The CLI prints them; notebooks may too."""
+units of prism_plan.units (ms, %, GiB, MB/token). The CLI prints them; notebooks may too."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.migration import MigrationPlan
 from prism_plan.placement.plan import Plan
 from prism_plan.placement.simulator import SimulationResult
-from prism_plan.units import human_bytes
+from prism_plan.units import count, human_bytes, milliseconds, per_token, percent
+
+# How each objective's value reads (solver results carry seconds and bytes).
+_OBJECTIVE_UNITS = {"coverage": lambda v: f"{count(v)} activations",
+                    "latency": lambda v: f"{milliseconds(v, 3)}/token",
+                    "traffic": per_token,
+                    "simulated_ttft": lambda v: f"{milliseconds(v)}/request"}
 
 
-def percent(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+def objective_value(objective: str, value: float | None) -> str:
+    """An objective's value (or bound) in its units: activations, ms/token, MB/token, ms/request."""
+    return "n/a" if value is None else _OBJECTIVE_UNITS[objective](value)
 
 
 def describe_trace(s: dict) -> list[str]:
     """A written trace or counts-only tables (the summary of profile_model or import_trace), then its notes."""
     if s.get("tables"):
-        what = f"activation tables of {s['tokens']} tokens (counts only, no co-activation)"
+        what = f"activation tables of {count(s['tokens'])} tokens (counts only, no co-activation)"
     else:
-        what = f"{s['tokens']} tokens, {s['requests']} requests"
+        what = f"{count(s['tokens'])} tokens, {count(s['requests'])} requests"
     origins = f", origins {', '.join(s['origins'])}" if "origins" in s else ""
     layers = s["layers"] if isinstance(s["layers"], int) else len(s["layers"])
     return ([f"wrote {s['path']}: {what}{origins}, {layers} MoE layers, top-{s['top_k']}"] +
@@ -27,7 +37,7 @@ def describe_trace(s: dict) -> list[str]:
 
 def describe_tables(written) -> list[str]:
     """One line per (path, ActivationTables) written."""
-    return [f"wrote {path}: {int(t.tokens.sum())} tokens from {len(t.origins)} origins, {len(t.layers)} layers x "
+    return [f"wrote {path}: {count(t.tokens.sum())} tokens from {len(t.origins)} origins, {len(t.layers)} layers x "
             f"{t.num_experts} experts" for path, t in written]
 
 
@@ -39,10 +49,10 @@ def describe_drift(s: dict) -> str:
 def describe_plan(plan: Plan, path) -> list[str]:
     """The solver's evidence (a weak bound said so), the plan's local coverage, and how a baseline was adapted."""
     s, seconds = plan.solver, plan.timing.get("solve_seconds")
-    bound = "n/a" if s["bound"] is None else format(s["bound"], ".6g")
-    took = "" if seconds is None else f" in {seconds:.3f} s"
+    took = "" if seconds is None else f" in {seconds:.2f} s"
     return ([f"wrote {path}: {s['name']} {s['status']}{took}; {plan.objective} "
-             f"{s['objective']:.6g} ({s['measure']}), {'bound (weak)' if s.get('weak_bound') else 'bound'} {bound}, "
+             f"{objective_value(plan.objective, s['objective'])}, "
+             f"{'bound (weak)' if s.get('weak_bound') else 'bound'} {objective_value(plan.objective, s['bound'])}, "
              f"gap {percent(s['gap'], 3)}; local coverage {percent(plan.metrics['local_coverage'])}"] +
             ([f"note: {s['note']}"] if s.get("note") else []))
 
@@ -59,7 +69,7 @@ def describe_migration(new: Plan, moves: MigrationPlan, plan_path, moves_path) -
             f"{percent(new.metrics['local_coverage'])}",
             f"wrote {moves_path}: {len(moves.stages)} stage(s), {moves.num_copies} copies ({human_bytes(moves.bytes)}, "
             f"at least {human_bytes(moves.lower_bound_bytes)} needed), {moves.num_evicts} evictions, about "
-            f"{moves.seconds:.2f} s"]
+            f"{moves.seconds:.2f} s of copying"]
 
 
 def migration_summary(new: Plan, moves: MigrationPlan, plan_path, moves_path) -> dict:
@@ -83,15 +93,25 @@ def describe_ranks(ranks: list[dict]) -> str:
     return f"applied on {len(ranks)} ranks: {stages}; {held}"
 
 
-def describe_simulation(result: SimulationResult) -> list[str]:
-    """Latency and traffic of a replay, then each server's load."""
+def describe_simulation(result: SimulationResult, cluster: ClusterSpec, path=None, links: int = 3) -> list[str]:
+    """Latency and traffic of a replay, each server's load, and the `links` busiest links: bytes, and the time
+    their transfers take at the link's bandwidth (latency apart); `path`, when given, is the file written."""
     s = result.summary()
-    tpot = "" if s["tpot_mean_s"] is None else f", TPOT mean {1e3 * s['tpot_mean_s']:.3f} ms"
-    head = (f"{s['requests']} requests, {s['tokens']} tokens: TTFT mean {1e3 * s['ttft_mean_s']:.2f} ms, p50 "
-            f"{1e3 * s['ttft_p50_s']:.2f} ms, p99 {1e3 * s['ttft_p99_s']:.2f} ms{tpot}; remote "
-            f"{s['remote_bytes_per_token'] / 1e3:.1f} kB/token; local coverage {percent(s['local_coverage'])}")
-    return [head] + [f"  {name}: {int(acts)} activations, {1e3 * busy:.1f} ms computing"
-                     for name, busy, acts in zip(result.servers, result.server_busy, result.server_activations)]
+    tpot = "" if s["tpot_mean_s"] is None else f", TPOT mean {milliseconds(s['tpot_mean_s'], 3)}"
+    head = (f"{count(s['requests'])} requests, {count(s['tokens'])} tokens: TTFT mean {milliseconds(s['ttft_mean_s'])}, p50 "
+            f"{milliseconds(s['ttft_p50_s'])}, p99 {milliseconds(s['ttft_p99_s'])}{tpot}; remote "
+            f"{per_token(s['remote_bytes_per_token'])}; local coverage {percent(s['local_coverage'])}")
+    lines = ([f"wrote {path}"] if path is not None else []) + [head]
+    lines += [f"  {name}: {count(acts)} activations, {milliseconds(busy, 1)} computing"
+              for name, busy, acts in zip(result.servers, result.server_busy, result.server_activations)]
+    busy = result.link_bytes / cluster.bandwidth  # the diagonal's bandwidth is inf: 0 s
+    order = [k for k in np.argsort(-busy, axis=None)[:links] if busy.flat[k] > 0]
+    names = result.servers
+    for k in order:
+        a, b = divmod(int(k), len(names))
+        lines.append(f"  link {names[a]} -> {names[b]}: {human_bytes(result.link_bytes[a, b])}, "
+                     f"{busy[a, b]:.2f} s of transfers at {8 * cluster.bandwidth[a, b] / 1e9:g} Gbit/s")
+    return lines
 
 
 def describe_export(s: dict) -> list[str]:

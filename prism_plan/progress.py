@@ -1,4 +1,7 @@
-"""Progress bars for long work: shown on a terminal, silent in pipes and with quiet=True."""
+"""Progress bars for long work: shown on a terminal, silent in pipes and with quiet=True.
+
+Every bar names the step it is in and shows the time elapsed, never an estimate of the time left: the long steps
+are time-limited searches, whose remaining time a rate cannot predict."""
 
 from __future__ import annotations
 
@@ -14,16 +17,32 @@ def show_progress(quiet: bool = False) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def track(items: Iterable[T], description: str, total: int | None = None, quiet: bool = False) -> Iterator[T]:
-    """Iterate over `items`, drawing a progress bar on stderr when `show_progress(quiet)`."""
+def _progress(*middle):
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), *middle, TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
+def track(items: Iterable[T], description: str, total: int | None = None, quiet: bool = False,
+          name: Callable[[T], str] | None = None) -> Iterator[T]:
+    """Iterate over `items` under a bar on stderr when `show_progress(quiet)`; `name(item)` is shown after
+    `description` while that item is worked on (the solver running, say)."""
     if not show_progress(quiet):
         yield from items
         return
-    from rich.console import Console
-    from rich.progress import track as rich_track
+    from rich.progress import BarColumn, MofNCompleteColumn
 
-    yield from rich_track(items, description=description, total=total, console=Console(stderr=True),
-                          transient=True)
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    with _progress(BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            if name is not None:
+                bar.update(task, description=f"{description}: {name(item)}")
+            yield item
+            bar.advance(task)
 
 
 @contextmanager
@@ -32,12 +51,9 @@ def counter(description: str, total: int, unit: str, quiet: bool = False) -> Ite
     if not show_progress(quiet):
         yield lambda items, units: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn(f"{{task.fields[units]}} {unit}"), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with _progress(BarColumn(), MofNCompleteColumn(), TextColumn(f"{{task.fields[units]}} {unit}")) as bar:
         task = bar.add_task(description, total=total, units=0)
         done = [0]
 
@@ -48,12 +64,12 @@ def counter(description: str, total: int, unit: str, quiet: bool = False) -> Ite
 
 
 @contextmanager
-def spinner(description: str, quiet: bool = False) -> Iterator[None]:
-    """A spinner naming the step while a block runs that cannot count its progress (a solver, say)."""
+def spinner(description: str, quiet: bool = False) -> Iterator[Callable[[str], None]]:
+    """A spinner naming the step while a block runs that cannot count its progress (a solver, say), with the time
+    elapsed; yields step(description) to name the next step of the block."""
     if not show_progress(quiet):
-        yield
+        yield lambda description: None
         return
-    from rich.console import Console
-
-    with Console(stderr=True).status(description):
-        yield
+    with _progress() as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda text: bar.update(task, description=text)

@@ -8,6 +8,8 @@ from prism_plan.cli import main
 from prism_plan.fileio import DATA_DIR
 from prism_plan.studies.comparison import ROWS
 from prism_plan.studies.bundled import BUNDLED_CLUSTER, BUNDLED_TRACE
+from prism_plan.traces.tables import ActivationTables, build_tables
+from prism_plan.traces.trace import load_trace
 
 
 def run(capsys, *args):
@@ -104,6 +106,12 @@ def test_quickstart_json_from_the_installed_package(tmp_path):
     best = min(r["simulated_ttft_s"] for r in rows.values())
     assert best <= 0.7 * min(rows["linear"]["simulated_ttft_s"], rows["eplb"]["simulated_ttft_s"])
     assert (tmp_path / "plan.json").exists() and (tmp_path / "tables.npz").exists()
+    # the two halves: the tables are the profiling half's, and together the halves are the bundled trace
+    profile, holdout = load_trace(tmp_path / "profile.parquet"), load_trace(tmp_path / "holdout.parquet")
+    assert profile.num_tokens + holdout.num_tokens == load_trace(BUNDLED_TRACE).num_tokens
+    assert ActivationTables.load(tmp_path / "tables.npz").sha256() == build_tables([profile]).sha256()
+    seen = {(profile.origins[o], r) for o, r in zip(profile.origin, profile.request)}
+    assert not seen & {(holdout.origins[o], r) for o, r in zip(holdout.origin, holdout.request)}
 
 
 def test_console_script_runs_as_module(tmp_path):

@@ -13,6 +13,7 @@ from prism_plan.progress import track
 from prism_plan.solvers import build_problem
 from prism_plan.studies.bundled import BUNDLED_MODEL
 from prism_plan.traces.tables import build_tables
+from prism_plan.units import change, per_token, percent
 
 # (label, solver, objective): the serving systems' baselines first, then prism-plan's solvers.
 ROWS = [("linear", "linear", "coverage"), ("round-robin", "round-robin", "coverage"),
@@ -34,7 +35,7 @@ def compare(cluster: ClusterSpec, profile, evaluation, *, model: str = BUNDLED_M
     spec = resolve_model(model)
     problem = build_problem(build_tables([profile]), cluster, spec, trace=profile)
     rows, plans = [], {}
-    for label, solver, objective in track(ROWS, "solving and simulating", quiet=quiet):
+    for label, solver, objective in track(ROWS, "solving and simulating", quiet=quiet, name=lambda row: row[0]):
         plan = plans[label] = solve_problem(problem, solver, objective=objective, time_limit=time_limit)
         s = plan.solver
         sim = simulate(plan, evaluation, cluster).summary()
@@ -50,21 +51,19 @@ def best_row(rows: list[dict]) -> dict:
 
 
 def _gap(row: dict) -> str:
-    if row["gap"] is None:
-        return "n/a"
-    return f"{100 * row['gap']:.2f}%" + ("*" if row["weak_bound"] else "")
+    return percent(row["gap"]) + ("*" if row["gap"] is not None and row["weak_bound"] else "")
 
 
 def format_rows(rows: list[dict]) -> str:
     """The comparison as an aligned text table, with the simulated time's change against linear and eplb, and
     under it the notes of baselines adapted to the cluster."""
     base = {r["label"]: r["simulated_ttft_s"] for r in rows}
-    head = ["placement", "objective", "TTFT mean ms", "p99 ms", "remote kB/tok", "local cov", "solve s", "status",
+    head = ["placement", "objective", "TTFT mean ms", "p99 ms", "remote MB/token", "local cov", "solve s", "status",
             "gap", "vs linear", "vs eplb"]
     body = [[r["label"], r["objective"], f"{1e3 * r['ttft_mean_s']:.2f}", f"{1e3 * r['ttft_p99_s']:.2f}",
-             f"{r['remote_bytes_per_token'] / 1e3:.1f}", f"{100 * r['local_coverage']:.2f}%", f"{r['seconds']:.2f}",
-             r["status"], _gap(r), f"{100 * (r['simulated_ttft_s'] / base['linear'] - 1):+.1f}%",
-             f"{100 * (r['simulated_ttft_s'] / base['eplb'] - 1):+.1f}%"] for r in rows]
+             per_token(r["remote_bytes_per_token"]).split()[0], percent(r["local_coverage"]), f"{r['seconds']:.2f}",
+             r["status"], _gap(r), change(r["simulated_ttft_s"], base["linear"]),
+             change(r["simulated_ttft_s"], base["eplb"])] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths)))
              for row in [head] + body]

@@ -12,13 +12,14 @@ from prism_plan.traces.tables import build_tables
 from prism_plan.traces.trace import load_trace
 
 QUICK_SECONDS = 10.0
-OUTPUTS = ("tables.npz", "plan.json")
+OUTPUTS = ("tables.npz", "plan.json", "profile.parquet", "holdout.parquet")
 
 
 def run_quickstart(out_dir: str | Path = "prism-quickstart", *, time_limit: float | None = None,
                    quiet: bool = False) -> list[dict]:
     """Plan from the first half of each ESFT domain's requests with every solver, replay the second half on the
-    bundled edge-4 cluster; write tables.npz (profiling half) and plan.json (the lowest latency) to `out_dir`.
+    bundled edge-4 cluster; write to `out_dir` tables.npz (of the profiling half), plan.json (the lowest latency),
+    profile.parquet (the profiling half) and holdout.parquet (the replayed half), for the next steps to use.
 
     Returns the comparison rows (see prism_plan.studies.comparison). time_limit: seconds per solve (default
     QUICK_SECONDS).
@@ -32,4 +33,6 @@ def run_quickstart(out_dir: str | Path = "prism-quickstart", *, time_limit: floa
     with transaction():
         build_tables([profile]).save(out_dir / OUTPUTS[0])
         plans[best_row(rows)["label"]].save(out_dir / OUTPUTS[1], cluster)
+        profile.save(out_dir / OUTPUTS[2])
+        evaluation.save(out_dir / OUTPUTS[3])
     return rows
