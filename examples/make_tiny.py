@@ -1,5 +1,5 @@
 """Make the bundled tiny example (prism_plan/data/tiny/): a random-weight Qwen3-MoE checkpoint of 3 MoE layers x 6
-experts, prompts from two origins, a 2-server cluster, the plan for that traffic, and the plan and moves after the
+experts, prompts from two origins, the routing they produced also as JSONL (the generic import format), a 2-server cluster, the plan for that traffic, and the plan and moves after the
 traffic of the two origins trades places. Deterministic; rerun after changing the model or the formats.
 Run: python examples/make_tiny.py   (needs the `profile` extra)
 """
@@ -16,6 +16,7 @@ import transformers
 from prism_plan.cli import main
 from prism_plan.placement.model import from_hf_config
 from prism_plan.traces.tables import ActivationTables
+from prism_plan.traces.trace import load_trace
 
 OUT = Path(__file__).resolve().parents[1] / "prism_plan" / "data" / "tiny"
 CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=8, num_hidden_layers=3,
@@ -38,6 +39,7 @@ def make() -> None:
              for i in range(12)]
     (OUT / "prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     run("profile", "run", OUT / "model", "--prompts", OUT / "prompts.jsonl", "-o", OUT / "trace.parquet", "--quiet")
+    write_routing_jsonl()
     run("profile", "tables", OUT / "trace.parquet", "-o", OUT / "tables-0.npz", "--quiet")
     t = ActivationTables.load(OUT / "tables-0.npz")
     ActivationTables(t.origins, t.layers, t.freq[::-1].copy(), t.tokens[::-1].copy(), None, None,
@@ -51,6 +53,19 @@ def make() -> None:
     run("solve", "--tables", OUT / "tables-0.npz", "--cluster", OUT / "cluster.toml", "-o", OUT / "plan-0.json")
     run("migrate", "--plan", OUT / "plan-0.json", "--tables", OUT / "tables-1.npz", "--cluster", OUT / "cluster.toml",
         "-o", OUT / "plan-1.json", "--moves", OUT / "moves-1.json")
+
+
+def write_routing_jsonl() -> None:
+    """routing.jsonl: trace.parquet token by token, as a serving system's own log would hold it."""
+    t = load_trace(OUT / "trace.parquet")
+    k, layers = t.meta.top_k, len(t.meta.layers)
+    with open(OUT / "routing.jsonl", "w") as f:
+        for i in range(t.num_tokens):
+            f.write(json.dumps({"origin": t.origins[t.origin[i]], "request": int(t.request[i]),
+                                "position": int(t.position[i]), "phase": "decode" if t.decode[i] else "prefill",
+                                "experts": t.experts[i].reshape(layers, k).tolist(),
+                                "weights": [[round(float(w), 6) for w in row]
+                                            for row in t.weights[i].reshape(layers, k)]}) + "\n")
 
 
 if __name__ == "__main__":
