@@ -175,11 +175,12 @@ def apply(plan, cluster, moves, checkpoint, journal, timeout, as_json, nproc) ->
 @click.option("--png", type=Output("folder"), help="Also write every figure as PNG into this folder.")
 def report(plan, tables, cluster, trace, layer, output, quiet, as_json, png) -> None:
     """Write one self-contained HTML report with plots of the plan and its traffic."""
-    with spinner("drawing the report", quiet):
+    with spinner("simulating and drawing the report", quiet):
         rep = write_report(plan, output, tables=tables, cluster=cluster, trace=trace, layer=layer, png_dir=png)
     names = [f.name for f in rep.figures]
-    say(as_json, {"path": str(output), "figures": names, "png": None if png is None else str(png)},
-        f"wrote {output}: {len(names)} figures ({', '.join(names)})")
+    say(as_json, {"path": str(output), "figures": names, "png": None if png is None else str(png),
+                  "headline": rep.headline},
+        [f"wrote {output}: {len(names)} figures ({', '.join(names)})"] + [f"  {s}" for s in rep.headline])
 
 
 @cli.command()

@@ -7,10 +7,9 @@ import click
 
 from prism_plan.cli_options import Counts, FILE, Group, MODEL, NO_WEIGHTS, outputs, say
 from prism_plan.messages import describe_drift, describe_tables, describe_trace
-from prism_plan.progress import spinner
 from prism_plan.traces.drift import write_drifting_workload
 from prism_plan.traces.importing import FORMATS, import_trace
-from prism_plan.traces.profiler import profile_model
+from prism_plan.traces.profiler import DEVICE_MAPS, DEVICES, DTYPES, MAX_BATCH_TOKENS, profile_model
 from prism_plan.traces.windows import UNITS, write_tables
 
 
@@ -26,14 +25,28 @@ def profile() -> None:
 @click.option("--origin-field", default="origin", show_default=True, help="JSONL key naming each prompt's origin.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=0, show_default=True,
               help="Greedy decode steps (tokens) to record after each prompt.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts per batch; batches fix the trace's row order.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=MAX_BATCH_TOKENS, show_default=True,
+              help="Most tokens per forward pass, prompts x (longest prompt + --max-new-tokens); larger batches run "
+              "in several passes, and a pass that runs out of GPU memory is halved (the trace stays the same).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where the model runs; auto takes the GPU when torch sees one.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Precision of weights and activations [default: float32 on "
+              "cpu; bfloat16 on cuda, float16 on GPUs without bfloat16].")
+@click.option("--device-map", type=click.Choice(DEVICE_MAPS), help="auto: spread the model over every GPU, then CPU "
+              "memory (needs accelerate) [default: one device; auto when the weights do not fit the GPU].")
+@click.option("--trust-remote-code", is_flag=True, help="Run the Python code the model brings (the auto_map of its "
+              "config.json); read it first.")
 @click.option("--chat-template", is_flag=True, help="Wrap `text` prompts in the tokenizer's chat template.")
 @NO_WEIGHTS
-def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_new_tokens, batch_size, chat_template,
-                no_weights) -> None:
+def profile_run(model_name, prompts, output, quiet, as_json, origin_field, max_new_tokens, batch_size,
+                max_batch_tokens, device, dtype, device_map, trust_remote_code, chat_template, no_weights) -> None:
     """Run a Hugging Face MoE model (a local folder or hub id) over prompts and record every token's routing."""
     s = profile_model(model_name, prompts, output, origin_field=origin_field, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, chat_template=chat_template, weights=not no_weights, quiet=quiet)
+                      batch_size=batch_size, max_batch_tokens=max_batch_tokens, device=device, dtype=dtype,
+                      device_map=device_map, trust_remote_code=trust_remote_code, chat_template=chat_template,
+                      weights=not no_weights, quiet=quiet)
     say(as_json, s, describe_trace(s))
 
 
@@ -93,7 +106,6 @@ def profile_tables(trace, output, quiet, as_json, window, window_unit, no_pairs)
 def profile_drift(trace, output, quiet, as_json, windows, window_tokens, shift, seed) -> None:
     """Build a drifting workload from a trace's origins (e.g. the ESFT domains): each stream's mix of domains
     rotates to the next domain over the windows."""
-    with spinner("building the drifting workload", quiet):
-        s = write_drifting_workload(trace, output, windows=windows, window_tokens=window_tokens, shift=shift,
-                                    seed=seed)
+    s = write_drifting_workload(trace, output, windows=windows, window_tokens=window_tokens, shift=shift, seed=seed,
+                                quiet=quiet)
     say(as_json, s, describe_drift(s))

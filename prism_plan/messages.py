@@ -104,13 +104,13 @@ def describe_simulation(result: SimulationResult, cluster: ClusterSpec, path=Non
     lines = ([f"wrote {path}"] if path is not None else []) + [head]
     lines += [f"  {name}: {count(acts)} activations, {milliseconds(busy, 1)} computing"
               for name, busy, acts in zip(result.servers, result.server_busy, result.server_activations)]
-    busy = result.link_bytes / cluster.bandwidth  # the diagonal's bandwidth is inf: 0 s
+    busy = result.sending_seconds(cluster)
     order = [k for k in np.argsort(-busy, axis=None)[:links] if busy.flat[k] > 0]
     names = result.servers
     for k in order:
         a, b = divmod(int(k), len(names))
         lines.append(f"  link {names[a]} -> {names[b]}: {human_bytes(result.link_bytes[a, b])}, "
-                     f"{busy[a, b]:.2f} s of transfers at {8 * cluster.bandwidth[a, b] / 1e9:g} Gbit/s")
+                     f"{busy[a, b]:.2f} s of sending at {8 * cluster.bandwidth[a, b] / 1e9:g} Gbit/s")
     return lines
 
 

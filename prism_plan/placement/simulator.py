@@ -234,6 +234,12 @@ class SimulationResult:
         (`ttft_mean_s`), plus every decode step when the trace has them."""
         return float(self.layer_seconds.sum())
 
+    def sending_seconds(self, cluster: ClusterSpec) -> np.ndarray:
+        """seconds: [servers, servers] time each link spends sending its bytes at its bandwidth over the whole
+        replay (per-message latency apart; 0 on the diagonal)."""
+        off = ~np.eye(len(self.servers), dtype=bool)
+        return np.where(off, self.link_bytes / cluster.bandwidth, 0.0)
+
     def summary(self) -> dict:
         """Headline numbers (seconds, bytes)."""
         tp = self.tpot[~np.isnan(self.tpot)]

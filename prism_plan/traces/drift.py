@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from prism_plan.errors import PrismError
+from prism_plan.progress import spinner
 from prism_plan.traces.trace import Trace, load_trace
 
 # The workload is built in memory whole: past this many tokens (about 100 GiB for DeepSeek-V2-Lite) it cannot be.
@@ -89,20 +90,25 @@ def drifting_workload(trace: Trace, windows: int, window_tokens: int, mix: np.nd
 
 
 def write_drifting_workload(path: str | Path, output: str | Path, *, windows: int = 8, window_tokens: int = 2000,
-                            shift: int = 1, seed: int = 0) -> dict:
+                            shift: int = 1, seed: int = 0, quiet: bool = True) -> dict:
     """Write the rotating drifting workload built from the trace at `path` (stream i moves from origin i to
-    origin i + shift) to `output`; returns what was written: streams, windows, tokens and the window size in
-    tokens that `--window` / window_tables needs to recover the windows."""
-    source = load_trace(path)
-    if not source.num_tokens:
-        raise PrismError(f"{path} holds no tokens to draw requests from; give a trace with routed tokens")
-    total = windows * window_tokens * len(source.origins)
-    if total > MAX_TOKENS:
-        raise PrismError(f"{windows} windows x {window_tokens} tokens x {len(source.origins)} streams is {total:,} "
-                         f"tokens, more than the {MAX_TOKENS:,} one workload can hold in memory; lower `windows` or "
-                         f"`window_tokens`", parameters=("windows", "window_tokens"))
-    mix = rotation_mix(windows, len(source.origins), shift)
-    Trace.concat(drifting_workload(source, windows, window_tokens, mix, seed)).save(output)
+    origin i + shift) to `output`, under a spinner naming each step unless `quiet`; returns what was written:
+    streams, windows, tokens and the window size in tokens that `--window` / window_tables needs to recover the
+    windows."""
+    with spinner(f"reading {Path(path).name}", quiet) as step:
+        source = load_trace(path)
+        if not source.num_tokens:
+            raise PrismError(f"{path} holds no tokens to draw requests from; give a trace with routed tokens")
+        total = windows * window_tokens * len(source.origins)
+        if total > MAX_TOKENS:
+            raise PrismError(f"{windows} windows x {window_tokens} tokens x {len(source.origins)} streams is "
+                             f"{total:,} tokens, more than the {MAX_TOKENS:,} one workload can hold in memory; lower "
+                             f"`windows` or `window_tokens`", parameters=("windows", "window_tokens"))
+        mix = rotation_mix(windows, len(source.origins), shift)
+        step(f"drawing {windows} windows of requests")
+        workload = Trace.concat(drifting_workload(source, windows, window_tokens, mix, seed))
+        step(f"writing {Path(output).name}")
+        workload.save(output)
     size = window_tokens * len(source.origins)
     return {"path": str(output), "windows": windows, "streams": list(source.origins), "window_tokens": window_tokens,
             "tokens": size * windows, "window": size}

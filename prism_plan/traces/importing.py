@@ -10,6 +10,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.model import ModelSpec, resolve_model
+from prism_plan.progress import spinner, track
 from prism_plan.traces.esft import iter_esft
 from prism_plan.traces.jsonl import iter_jsonl
 from prism_plan.traces.megatron import iter_megatron
@@ -18,13 +19,18 @@ from prism_plan.traces.trace import TraceWriter
 from prism_plan.traces.trtllm import trtllm_tables
 from prism_plan.traces.vllm import iter_vllm
 
-# format -> (src, model, quiet, origin, **options) -> Trace batches; options are the format's own keywords
+# format -> (src, model, quiet, origin, **options) -> Trace batches, under a bar unless quiet (ESFT's counts its
+# layer files); options are the format's own keywords
 IMPORTERS = {
     "esft": lambda src, model, quiet, origin, **options: iter_esft(src, model, quiet=quiet, **options),
-    "jsonl": lambda src, model, quiet, origin, **options: iter_jsonl(src, model, **options),
-    "sglang": lambda src, model, quiet, origin, **options: iter_sglang(src, model, origin, **options),
-    "vllm": lambda src, model, quiet, origin, **options: iter_vllm(src, model, origin, **options),
-    "megatron": lambda src, model, quiet, origin, **options: iter_megatron(src, model, origin, **options),
+    "jsonl": lambda src, model, quiet, origin, **options: track(
+        iter_jsonl(src, model, **options), "reading JSONL routing", quiet=quiet),
+    "sglang": lambda src, model, quiet, origin, **options: track(
+        iter_sglang(src, model, origin, **options), "reading SGLang dumps", quiet=quiet),
+    "vllm": lambda src, model, quiet, origin, **options: track(
+        iter_vllm(src, model, origin, **options), "reading vLLM routing", quiet=quiet),
+    "megatron": lambda src, model, quiet, origin, **options: track(
+        iter_megatron(src, model, origin, **options), "reading Megatron-Core routing", quiet=quiet),
 }
 # format -> (src, model, origin, **options) -> ActivationTables: dumps of counts only (SGLang stat, TensorRT-LLM)
 TABLE_IMPORTERS = {"sglang": sglang_tables, "trtllm": trtllm_tables}
@@ -68,8 +74,10 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, *, model: ModelSpec
         if fmt not in TABLE_IMPORTERS:
             raise PrismError(f"{fmt} sources become traces: write `out` as a .parquet file, then build tables from it",
                              parameters=("out",))
-        tables = TABLE_IMPORTERS[fmt](src, model, origin, **options)
-        tables.save(out)
+        with spinner(f"counting activations in the {fmt} dumps", quiet) as step:
+            tables = TABLE_IMPORTERS[fmt](src, model, origin, **options)
+            step(f"writing {Path(out).name}")
+            tables.save(out)
         return {"path": str(out), "format": fmt, "tables": True, "tokens": int(tables.tokens.sum()),
                 "origins": list(tables.origins), "layers": len(tables.layers), "top_k": model.top_k,
                 "coactivation": False, "notes": [tables.meta["note"]] if tables.meta.get("note") else []}

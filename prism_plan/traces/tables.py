@@ -40,7 +40,8 @@ class ActivationTables:
         summed over origins; the diagonal is each expert's activation count.
     trans: [layers - 1, experts, experts] float64 or None, tokens routed to expert e at MoE layer i and
         expert e' at MoE layer i + 1.
-    layers: the model's MoE layer numbers; meta: model, top_k, source, window.
+    layers: the model's MoE layer numbers; meta: model, top_k, source, window, requests ({origin: inclusive
+        [first, last] runs of the request ids counted}; absent from counts-only tables).
     """
 
     origins: tuple[str, ...]
@@ -167,7 +168,8 @@ def _meta(text: str, path: Path) -> dict:
     if not isinstance(meta, dict):
         raise PrismError(f"{path}: its `meta` is not a JSON object; {fix}")
     types = {"model": (str, "a string"), "source": (str, "a string"), "top_k": (int, "a positive integer"),
-             "window": (dict, "a JSON object"), "coactivation": (bool, "true or false")}
+             "window": (dict, "a JSON object"), "coactivation": (bool, "true or false"),
+             "requests": (dict, "a JSON object")}
     for key, (kind, want) in types.items():
         value = meta.get(key)
         if value is not None and (type(value) is not kind or kind is int and value < 1):
@@ -200,6 +202,7 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
     freq = tokens = coact = trans = None
     origins: tuple[str, ...] = ()
     meta = None
+    requests: dict[str, list[np.ndarray]] = {}  # origin -> request ids seen, per batch
     for t in batches:
         if meta is None:
             meta = t.meta
@@ -222,6 +225,8 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
         idx = ((t.origin.astype(np.int64)[:, None, None] * l + np.arange(l)[None, :, None]) * e + t.experts)
         freq += np.bincount(idx.ravel(), minlength=o * l * e).reshape(o, l, e)
         tokens += np.bincount(t.origin, minlength=o)
+        for i in np.unique(t.origin):
+            requests.setdefault(origins[i], []).append(np.unique(t.request[t.origin == i]))
         if pairs:
             _pair_counts(t.experts, t.experts, e, coact, upper=True)
             if l > 1:
@@ -234,7 +239,15 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
         coact[:, idx, idx] = freq.sum(axis=0)
     return ActivationTables(origins, meta.layers, freq, tokens, coact, trans,
                             {"model": meta.model, "top_k": meta.top_k, "source": meta.source, "spec": meta.spec,
-                             "window": window})
+                             "window": window,
+                             "requests": {o: _id_ranges(np.unique(np.concatenate(v))) for o, v in requests.items()}})
+
+
+def _id_ranges(ids: np.ndarray) -> list[list[int]]:
+    """Sorted unique ids as inclusive [first, last] runs of consecutive ids: what a report needs to tell whether a
+    replayed request was counted (held-out or in-sample), in a few numbers per origin."""
+    runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
+    return [[int(r[0]), int(r[-1])] for r in runs]
 
 
 def count_tables(counts: dict[str, np.ndarray], model: ModelSpec, source: str, empty: str,
@@ -257,4 +270,5 @@ def tables_from_trace(path: str | Path, pairs: bool = True, quiet: bool = True) 
     """ActivationTables of a whole trace file, streamed batch by batch (a progress bar unless quiet)."""
     if not open_trace(path)[0].metadata.num_rows:
         raise PrismError(f"{path} holds no tokens; tables need at least one")
-    return build_tables(track(iter_trace(path), "counting activations", quiet=quiet), pairs=pairs)
+    return build_tables(track(iter_trace(path), f"counting activations in {Path(path).name}", quiet=quiet),
+                        pairs=pairs)
