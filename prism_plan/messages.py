@@ -14,6 +14,7 @@ from prism_plan.units import count, human_bytes, milliseconds, per_token, percen
 # How each objective's value reads (solver results carry seconds and bytes).
 _OBJECTIVE_UNITS = {"coverage": lambda v: f"{count(v)} activations",
                     "latency": lambda v: f"{milliseconds(v, 3)}/token",
+                    "balance": lambda v: f"{milliseconds(v, 5)}/token",
                     "traffic": per_token,
                     "simulated_ttft": lambda v: f"{milliseconds(v)}/request"}
 
@@ -54,7 +55,17 @@ def describe_plan(plan: Plan, path) -> list[str]:
              f"{objective_value(plan.objective, s['objective'])}, "
              f"{'bound (weak)' if s.get('weak_bound') else 'bound'} {objective_value(plan.objective, s['bound'])}, "
              f"gap {percent(s['gap'], 3)}; local coverage {percent(plan.metrics['local_coverage'])}"] +
-            ([f"note: {s['note']}"] if s.get("note") else []))
+            _serving_line(plan.metrics) + ([f"note: {s['note']}"] if s.get("note") else []))
+
+
+def _serving_line(m: dict) -> list[str]:
+    """Balance and cross-node traffic of a plan for a cluster with nodes or a slot layout, else nothing."""
+    if "overload" not in m:
+        return []
+    counted = "counted per token" if m["cross_node_counted"].startswith("per token") else \
+        "counted per activation: pass --trace to count shared trips"
+    return [f"serving: overload {percent(m['overload'])}, balancedness {percent(m['balancedness'])} "
+            f"({m['dispatch']} dispatch), cross-node {per_token(m['cross_node_bytes_per_token'])} ({counted})"]
 
 
 def describe_migration(new: Plan, moves: MigrationPlan, plan_path, moves_path) -> list[str]:

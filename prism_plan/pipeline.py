@@ -18,7 +18,7 @@ from prism_plan.placement.migration import MigrationPlan, plan_migration
 from prism_plan.placement.model import ModelSpec, model_from_meta, resolve_model
 from prism_plan.placement.plan import Plan
 from prism_plan.solvers import IncrementalSolver, build_problem, get_solver
-from prism_plan.solvers.objectives import get_objective, nearest_routing, relative_gap
+from prism_plan.solvers.objectives import get_objective, nearest_routing, relative_gap, serving_metrics
 from prism_plan.solvers.base import SolveResult, check_time_limit
 from prism_plan.solvers.exact import check_backend
 from prism_plan.solvers.incremental import traffic_move_cost
@@ -44,6 +44,8 @@ def make_plan(problem: PlacementProblem, result: SolveResult) -> Plan:
     metrics = coverage_metrics(tables.freq, tables.tokens, homes, routing, result.hosted, model.layer_bytes,
                                model.token_bytes)
     metrics["memory_bytes"] = dict(zip(cluster.names, problem.memory(result.hosted).tolist()))
+    if cluster.layout is not None or cluster.has_nodes:
+        metrics.update(serving_metrics(problem, result.hosted, result.routing))
     plan = Plan(model, tuple(cluster.names), tuple(tables.origins), result.hosted, routing,
                 result.objective_name, result.evidence(), metrics,
                 {"tables_sha256": tables.sha256(), "cluster_sha256": cluster.sha256()}, problem.min_replicas,

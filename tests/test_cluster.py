@@ -51,7 +51,7 @@ def test_one_way_link():
     ({"server": [server("a"), server("a")]}, "duplicate server name"),
     ({"server": [server("a", -1.0)]}, "memory_gib` must be a finite number from 0 to"),
     ({"server": [server("a", origins=["x"]), server("b", origins=["x"])]}, "origin 'x' is already served"),
-    ({"server": [server("a")], "link": [{"a": "a", "b": "zz", "bandwidth_gbps": 1}]}, "`b` must name a server, got 'zz'"),
+    ({"server": [server("a")], "link": [{"a": "a", "b": "zz", "bandwidth_gbps": 1}]}, "`b` must name a server or a node, got 'zz'"),
     ({"server": [server("a"), server("b")], "link": [{"a": "a", "b": "b", "bandwidth_gbps": 0}]},
      "bandwidth_gbps` must be a finite number from 1e-06"),
     ({"server": [server("a", memroy_gib=3)]}, "unknown key"),
@@ -86,7 +86,7 @@ LINK = {"a": "a", "b": "b", "bandwidth_gbps": 1.0, "latency_ms": 1.0}
      "link #1 already sets 'a' -> 'b' \\(with other values\\); list each pair once"),
     ({"server": TWO, "link": [LINK, dict(LINK)]}, "with the same values"),
     ({"server": TWO, "link": [LINK, {**LINK, "a": "b", "b": "a", "one_way": True}]}, "link #1 already sets 'b' -> 'a'"),
-    ({"server": TWO, "link": [{"b": "b", "bandwidth_gbps": 1.0}]}, "`a` must name a server, got None"),
+    ({"server": TWO, "link": [{"b": "b", "bandwidth_gbps": 1.0}]}, "`a` must name a server or a node, got None"),
     ({"server": TWO, "link": {"a": "a"}}, "must be written as \\[\\[link\\]\\] tables"),
     ({"server": [1, 2]}, "must be written as \\[\\[server\\]\\] tables"),
     ({"server": TWO, "defaults": 5}, r"\[defaults\]: must be a table"),
@@ -102,7 +102,7 @@ LINK = {"a": "a", "b": "b", "bandwidth_gbps": 1.0, "latency_ms": 1.0}
     ({"server": TWO, "matrix": {"bandwidth_gbps": [[float("nan"), 1], [1, 0]], "latency_ms": [[0, 0], [0, 0]]}},
      "row 1 column 1 .*must be a number"),
     ({"server": TWO, "matrix": {"bandwidth_gbps": [[0, 1], [1, 0]], "latency_ms": [[0, 0], [0, 0]]},
-      "link": [LINK]}, "drop the \\[\\[link\\]\\] and \\[defaults\\] tables or the \\[matrix\\]"),
+      "link": [LINK]}, "drop the \\[\\[link\\]\\], \\[\\[node\\]\\] and \\[defaults\\] tables or the \\[matrix\\]"),
 ])
 def test_numbers_types_and_duplicates_are_refused(doc, message):
     with pytest.raises(PrismError, match=message):

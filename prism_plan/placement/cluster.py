@@ -2,7 +2,10 @@
 
 Read from the TOML file people write (see DESIGN.md, "Cluster file"). Links are given per pair, as a full
 matrix, or as a sparse topology: pairs with no direct link use `[defaults]` when present, else the best path
-through the listed links (latency adds up along a path, bandwidth is its narrowest link).
+through the listed links (latency adds up along a path, bandwidth is its narrowest link). Servers may be grouped
+into nodes (`[[node]]`: the bandwidth and latency between servers of one node, NVLink-class), links may name two
+nodes (every pair of their servers), and a `[layout]` asks for the equal slots per GPU and MoE layer that serving
+systems need (DESIGN.md, "Contracts added for serving layouts").
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.fileio import bundled_or_given, read_user_text
-from prism_plan.placement.checks import is_number, number, text
+from prism_plan.placement.checks import integer, is_number, number, text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,7 +33,12 @@ GIB = 2**30
 _SERVER_KEYS = {"name", "memory_gib", "compute_tflops", "origins", "node"}
 _LINK_KEYS = {"a", "b", "bandwidth_gbps", "latency_ms", "one_way"}
 _DEFAULT_KEYS = {"bandwidth_gbps", "latency_ms"}
-_TOP_KEYS = {"server", "link", "defaults", "matrix", "name"}
+_NODE_KEYS = {"name", "bandwidth_gbps", "latency_ms"}
+_LAYOUT_KEYS = {"slots_per_layer", "dispatch"}
+_TOP_KEYS = {"server", "link", "defaults", "matrix", "name", "node", "layout"}
+# How a serving system splits an expert's tokens over its copies: evenly (SGLang's dynamic dispatch, EPLB's
+# model) or each origin to one copy the plan's routing names (static dispatch).
+DISPATCH = ("even", "static")
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,24 @@ class ServerSpec:
 
 
 @dataclass(frozen=True)
+class NodeSpec:
+    """A node (machine) of servers: bandwidth (gigabits per second) and latency (ms) between its servers."""
+
+    name: str
+    bandwidth_gbps: float
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """The slot layout a serving system needs: every server holds exactly `slots_per_layer` distinct experts of
+    every MoE layer; `dispatch` says how an expert's tokens are split over its copies (see DISPATCH)."""
+
+    slots_per_layer: int
+    dispatch: str = "even"
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """Servers and pairwise link costs.
 
@@ -57,6 +83,8 @@ class ClusterSpec:
     bandwidth: np.ndarray
     latency: np.ndarray
     name: str = "cluster"
+    nodes: tuple[NodeSpec, ...] = ()
+    layout: SlotLayout | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterSpec":
@@ -90,6 +118,11 @@ class ClusterSpec:
         return np.array([first.setdefault(k, len(first)) for k in keys], dtype=np.int64)
 
     @property
+    def has_nodes(self) -> bool:
+        """Whether any server names the node it is in."""
+        return any(s.node for s in self.servers)
+
+    @property
     def origin_server(self) -> dict[str, int]:
         """Origin name -> index of the server its requests arrive at."""
         return {o: i for i, s in enumerate(self.servers) for o in s.origins}
@@ -116,6 +149,9 @@ class ClusterSpec:
                         for s in self.servers],
             "bandwidth": np.where(np.isinf(self.bandwidth), -1, self.bandwidth).tolist(),
             "latency": self.latency.tolist(),
+            # Only when given, so the hash of every cluster written before nodes and layouts stays the same.
+            **({"nodes": [vars(n) for n in self.nodes]} if self.nodes else {}),
+            **({"layout": vars(self.layout)} if self.layout else {}),
         }
 
     def sha256(self) -> str:
@@ -196,17 +232,57 @@ def parse_cluster(doc: Mapping[str, Any], source: str = "cluster") -> ClusterSpe
                                                          "`node` out") if "node" in raw else ""
         servers.append(ServerSpec(name, int(round(memory * GIB)), compute, tuple(origins), node))
 
-    bandwidth, latency = _link_matrices(doc, [s.name for s in servers], source)
-    return ClusterSpec(tuple(servers), bandwidth, latency, name=cluster_name)
+    nodes = _parse_nodes(doc, servers, source)
+    bandwidth, latency = _link_matrices(doc, servers, nodes, source)
+    layout = _parse_layout(doc["layout"], source) if "layout" in doc else None
+    return ClusterSpec(tuple(servers), bandwidth, latency, name=cluster_name, nodes=nodes, layout=layout)
 
 
-def _link_matrices(doc: Mapping[str, Any], names: list[str], source: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pairwise bandwidth (bytes/s) and latency (s) from [matrix], or [defaults] plus [[link]] tables."""
+def _parse_nodes(doc: Mapping[str, Any], servers: list[ServerSpec], source: str) -> tuple[NodeSpec, ...]:
+    """The [[node]] tables, each named by some server's `node`, none named like a server."""
+    nodes: list[NodeSpec] = []
+    server_names = {s.name for s in servers}
+    for i, raw in enumerate(_tables(source, doc.get("node", []), "node")):
+        where = f"{source}: node #{i + 1}"
+        _check_keys(where, raw, _NODE_KEYS)
+        name = text(raw.get("name"), f"{where}: `name`", fix="give every node a name")
+        where = f"{source}: node {name!r}"
+        if name in (n.name for n in nodes):
+            _fail(where, "duplicate node name; every [[node]] needs its own name")
+        if name in server_names:
+            _fail(where, "a server has the same name; links may name nodes, so give the node another name")
+        if not any(s.node == name for s in servers):
+            _fail(where, f"no server is in it; add `node = {name!r}` to its servers or drop the [[node]] table")
+        nodes.append(NodeSpec(name, _number(where, raw, "bandwidth_gbps"), _number(where, raw, "latency_ms",
+                                                                                    default=0.0)))
+    return tuple(nodes)
+
+
+def _parse_layout(raw: Any, source: str) -> SlotLayout:
+    where = f"{source}: [layout]"
+    raw = _table(where, raw, "slots_per_layer and dispatch")
+    _check_keys(where, raw, _LAYOUT_KEYS)
+    if "slots_per_layer" not in raw:
+        _fail(where, "missing `slots_per_layer`: the number of experts of each MoE layer every server holds")
+    slots = integer(raw["slots_per_layer"], f"{where}: `slots_per_layer`", low=1,
+                    fix="give the experts of each MoE layer every server holds, e.g. 9")
+    dispatch = raw.get("dispatch", "even")
+    if dispatch not in DISPATCH:
+        _fail(where, f"`dispatch` must be one of {', '.join(DISPATCH)}, got {dispatch!r}: even splits an expert's "
+                     f"tokens over its copies, static sends each origin's to the copy the plan names")
+    return SlotLayout(int(slots), dispatch)
+
+
+def _link_matrices(doc: Mapping[str, Any], servers: list[ServerSpec], nodes: tuple[NodeSpec, ...],
+                   source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise bandwidth (bytes/s) and latency (s) from [matrix], or from [defaults], then [[node]] tables (pairs
+    within a node), then [[link]] tables (a link naming servers outranks one naming their nodes)."""
+    names = [s.name for s in servers]
     n = len(names)
     if "matrix" in doc:
-        if "link" in doc or "defaults" in doc:
-            _fail(source, "[matrix] gives every pair already; drop the [[link]] and [defaults] tables or the "
-                          "[matrix]")
+        if "link" in doc or "defaults" in doc or "node" in doc:
+            _fail(source, "[matrix] gives every pair already; drop the [[link]], [[node]] and [defaults] tables or "
+                          "the [matrix]")
         return _matrix_links(_table(f"{source}: [matrix]", doc["matrix"], "bandwidth_gbps and latency_ms"),
                              names, source)
     if "defaults" in doc:
@@ -217,35 +293,62 @@ def _link_matrices(doc: Mapping[str, Any], names: list[str], source: str) -> tup
         lat = np.full((n, n), _number(where, defaults, "latency_ms", default=0.5))
     else:
         bw, lat = np.full((n, n), np.nan), np.full((n, n), np.nan)
-    given: dict[tuple[int, int], tuple[int, float, float]] = {}  # (from, to) -> (link number, gbps, ms)
-    for i, raw in enumerate(_tables(source, doc.get("link", []), "link")):
-        where = f"{source}: link #{i + 1}"
-        _check_keys(where, raw, _LINK_KEYS)
-        for end in ("a", "b"):
-            if raw.get(end) not in names:
-                _fail(where, f"`{end}` must name a server, got {raw.get(end)!r}; servers are {names}")
-        a, b = raw["a"], raw["b"]
-        if a == b:
-            _fail(where, f"a link needs two different servers, got {a!r} twice")
-        one_way = raw.get("one_way", False)
-        if not isinstance(one_way, bool):
-            _fail(where, f"`one_way` must be true or false, got {one_way!r}")
-        where = f"{source}: link #{i + 1} ({a!r}-{b!r})"
-        ia, ib = names.index(a), names.index(b)
-        gbps = _number(where, raw, "bandwidth_gbps")
-        ms = _number(where, raw, "latency_ms", default=0.0)
-        for x, y in [(ia, ib)] if one_way else [(ia, ib), (ib, ia)]:
-            if (x, y) in given:
-                j, old_gbps, old_ms = given[(x, y)]
-                same = "with the same values" if (old_gbps, old_ms) == (gbps, ms) else "with other values"
-                _fail(where, f"link #{j} already sets {names[x]!r} -> {names[y]!r} ({same}); list each pair once")
-            given[(x, y)] = (i + 1, gbps, ms)
-            bw[x, y], lat[x, y] = gbps, ms
+    member = {}  # node name -> [server indices]
+    for i, s in enumerate(servers):
+        if s.node:
+            member.setdefault(s.node, []).append(i)
+    for node in nodes:
+        inside = np.ix_(member[node.name], member[node.name])
+        bw[inside], lat[inside] = node.bandwidth_gbps, node.latency_ms
+    links = _tables(source, doc.get("link", []), "link")
+    # Links naming nodes first, so that a link naming two of their servers overrides them.
+    for level in ("node", "server"):
+        given: dict[tuple[int, int], tuple[int, float, float]] = {}  # (from, to) -> (link number, gbps, ms)
+        for i, raw in enumerate(links):
+            _check_keys(f"{source}: link #{i + 1}", raw, _LINK_KEYS)
+            ends = _link_ends(raw, names, member, f"{source}: link #{i + 1}")
+            if ends[0] != level:
+                continue
+            _, ia, ib = ends
+            a, b = raw["a"], raw["b"]
+            where = f"{source}: link #{i + 1} ({a!r}-{b!r})"
+            gbps = _number(where, raw, "bandwidth_gbps")
+            ms = _number(where, raw, "latency_ms", default=0.0)
+            for xs, ys in [(ia, ib)] if raw.get("one_way", False) else [(ia, ib), (ib, ia)]:
+                for x in xs:
+                    for y in ys:
+                        if (x, y) in given:
+                            j, old_gbps, old_ms = given[(x, y)]
+                            same = "with the same values" if (old_gbps, old_ms) == (gbps, ms) else "with other values"
+                            _fail(where, f"link #{j} already sets {names[x]!r} -> {names[y]!r} ({same}); list each "
+                                         f"pair once")
+                        given[(x, y)] = (i + 1, gbps, ms)
+                        bw[x, y], lat[x, y] = gbps, ms
     np.fill_diagonal(bw, np.inf)
     np.fill_diagonal(lat, 0.0)
     if np.isnan(bw).any():
         bw, lat = _route_through_topology(bw, lat, names, source)
     return bw * 1e9 / 8, lat / 1e3
+
+
+def _link_ends(raw: Mapping[str, Any], names: list[str], member: dict[str, list[int]],
+               where: str) -> tuple[str, list[int], list[int]]:
+    """("server" or "node", servers at end a, servers at end b) of a [[link]], checked."""
+    for end in ("a", "b"):
+        if raw.get(end) not in names and raw.get(end) not in member:
+            known = f"servers are {names}" + (f", nodes {sorted(member)}" if member else "")
+            _fail(where, f"`{end}` must name a server or a node, got {raw.get(end)!r}; {known}")
+    a, b = raw["a"], raw["b"]
+    if a == b:
+        _fail(where, f"a link needs two different servers or nodes, got {a!r} twice")
+    if (a in names) != (b in names):
+        _fail(where, f"a link joins two servers or two nodes, not server and node ({a!r}, {b!r}); give the "
+                     f"server's node or a server of the node")
+    if not isinstance(raw.get("one_way", False), bool):
+        _fail(where, f"`one_way` must be true or false, got {raw.get('one_way')!r}")
+    if a in names:
+        return "server", [names.index(a)], [names.index(b)]
+    return "node", member[a], member[b]
 
 
 def _route_through_topology(bw: np.ndarray, lat: np.ndarray, names: list[str],

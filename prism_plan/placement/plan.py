@@ -17,6 +17,7 @@ from prism_plan.fileio import check_header, read_user_json, write_text_atomic
 from prism_plan.errors import PrismError
 from prism_plan.placement.checks import integer
 from prism_plan.placement.cluster import ClusterSpec
+from prism_plan.placement.layout import layout_violation
 from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec
 from prism_plan.units import human_bytes
@@ -90,6 +91,14 @@ class Plan:
     def check_cluster(self, cluster: ClusterSpec) -> None:
         """Raise PlanError when the plan is for other servers or does not fit their memory."""
         self.check_servers(cluster)
+        if cluster.layout is not None:
+            bad = layout_violation(self.hosted, cluster.layout.slots_per_layer)
+            if bad is not None:
+                s, l, held = bad
+                raise PlanError(f"plan gives server {self.servers[s]!r} {held} experts of layer "
+                                f"{self.model.layers[l]} but the cluster's [layout] needs exactly "
+                                f"{cluster.layout.slots_per_layer} on every server in every MoE layer; re-solve "
+                                f"for this cluster")
         used = self.memory_bytes()
         over = used - cluster.budgets
         if (over > 0).any():

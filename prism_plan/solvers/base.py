@@ -17,7 +17,8 @@ from prism_plan.errors import PrismError
 from prism_plan.placement.checks import integer
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.objectives import Objective, get_objective, relative_gap
-from prism_plan.solvers.problem import PlacementProblem, Solution, check_feasible
+from prism_plan.solvers.coverage import nearest_layout
+from prism_plan.solvers.problem import PlacementProblem, Solution, check_feasible, placement_fits
 from prism_plan.solvers.repair import repair_coverage
 
 
@@ -101,17 +102,22 @@ class Solver(ABC):
         check_feasible(problem)
         deadline = Deadline(self.time_limit)
         sol = self._solve(problem, obj, deadline)
-        hosted = sol.hosted
-        if (hosted.sum(axis=0) < problem.min_replicas).any():
+        hosted, routing = sol.hosted, sol.routing
+        status, bound, weak = sol.status, sol.bound, sol.weak_bound
+        if problem.layout is not None and not placement_fits(problem, hosted):
+            # A placement made for memory alone, fitted to the serving system's equal slots: no longer what
+            # the solver proved anything about.
+            hosted, routing = nearest_layout(problem, hosted), None
+            status = "heuristic" if status == "heuristic" else "feasible"
+        elif (hosted.sum(axis=0) < problem.min_replicas).any():
             # Layouts that place one copy of each expert get the further copies where they cost least.
             hosted = repair_coverage(problem, hosted, deadline)
-        status, bound, weak = sol.status, sol.bound, sol.weak_bound
         if objective not in self.objectives:  # a placement made without looking at this objective
             status, bound, weak = "heuristic", None, False
         if bound is None and status != "optimal" and obj.bound is not None:
             bound, weak = obj.bound(problem), obj.weak_bound
-        value = obj.value(problem, hosted, sol.routing)
+        value = obj.value(problem, hosted, routing)
         seconds = deadline.elapsed()
         return SolveResult(hosted.astype(bool), self.name, status, value, bound,
                            relative_gap(value, bound, obj.maximize), seconds, objective, obj.measure,
-                           weak, sol.routing, sol.extra)
+                           weak, routing, sol.extra)

@@ -175,9 +175,12 @@ def eplb_ranks(problem: PlacementProblem) -> tuple[np.ndarray, int, str]:
 def eplb_slots_per_gpu(problem: PlacementProblem) -> tuple[int, int]:
     """(slots every server gets in every layer, what the smallest server's memory holds): EPLB gives every GPU
     the same slots, so the smallest server decides, but never fewer than ceil(experts / servers), which every
-    expert needs a slot, nor more than the experts (a server that holds each expert has no use for more)."""
+    expert needs a slot, nor more than the experts (a server that holds each expert has no use for more); with a
+    slot layout, its slots."""
     s_count, _, e_count = problem.shape
     held = int(problem.budget.min()) // int(problem.layer_bytes.sum())
+    if problem.layout is not None:
+        return problem.layout.slots_per_layer, held
     return min(max(held, -(-e_count // s_count)), e_count), held
 
 

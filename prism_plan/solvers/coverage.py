@@ -120,24 +120,30 @@ def move_model(model: MilpModel, problem: PlacementProblem, moves: MoveTerms | N
     move budget as a row."""
     if moves is None:
         return model
-    copy = moves.copy_bytes(problem).ravel()
+    price = moves.priced_bytes(problem).ravel()
     c = model.c.copy()
-    c[:len(copy)] += (-1.0 if model.maximize else 1.0) * scale * moves.cost_per_byte * copy
+    c[:len(price)] += (-1.0 if model.maximize else 1.0) * scale * moves.cost_per_byte * price
     model = replace(model, c=c)
-    return model if moves.budget_bytes is None else with_budget_row(model, copy, float(moves.budget_bytes))
+    if moves.budget_bytes is None:
+        return model
+    return with_budget_row(model, moves.copy_bytes(problem).ravel(), float(moves.budget_bytes))
 
 
 def _net_weight(problem: PlacementProblem, moves: MoveTerms | None, per_byte: float = 0.0) -> np.ndarray:
-    """weight - (move cost + per_byte) x bytes to copy each cell."""
+    """weight - move cost x priced bytes to copy each cell - per_byte x its bytes."""
     if moves is None:
         return problem.weight
-    return problem.weight - (moves.cost_per_byte + per_byte) * moves.copy_bytes(problem)
+    return problem.weight - moves.cost_per_byte * moves.priced_bytes(problem) - per_byte * moves.copy_bytes(problem)
 
 
 def flow_optimum(problem: PlacementProblem, moves: MoveTerms | None = None, per_byte: float = 0.0):
     """(hosted, slack): the exact optimum of coverage - (move cost + per_byte) x copied for equal expert
-    sizes; with moves, the fewest copies among ties and slots may stay empty."""
+    sizes, or for a slot layout (one flow per layer); with moves, the fewest copies among ties and, without a
+    layout, slots may stay empty."""
     s = problem.shape[0]
+    if problem.layout is not None:
+        current = None if moves is None else moves.current
+        return layout_flow(problem, _net_weight(problem, moves, per_byte), current)
     weight = _net_weight(problem, moves, per_byte).reshape(s, -1)
     if moves is None:
         x, slack = solve_flow(weight, problem.slots, problem.min_replicas)
@@ -147,17 +153,43 @@ def flow_optimum(problem: PlacementProblem, moves: MoveTerms | None = None, per_
     return x.reshape(problem.shape), slack
 
 
+def layout_flow(problem: PlacementProblem, weight: np.ndarray, keep: np.ndarray | None = None
+                ) -> tuple[np.ndarray, float]:
+    """(hosted, slack): maximise sum(weight * x) with exactly `slots_per_layer` experts per server and layer and
+    every expert min_replicas times, one exact flow per layer (the layers share nothing); among optimal x the one
+    keeping the most of `keep`. weight: [servers, layers, experts]; keep: [servers, layers, experts] bool."""
+    s, l, _ = problem.shape
+    slots = np.full(s, problem.layout.slots_per_layer, np.int64)
+    hosted = np.zeros(problem.shape, bool)
+    slack = 0.0
+    for layer in range(l):
+        tiebreak = None if keep is None else ~keep[:, layer]
+        hosted[:, layer], more = solve_flow(weight[:, layer], slots, problem.min_replicas, tiebreak=tiebreak)
+        slack += more
+    return hosted, slack
+
+
+def nearest_layout(problem: PlacementProblem, hosted: np.ndarray) -> np.ndarray:
+    """The slot layout keeping the most of `hosted` ([servers, layers, experts] bool), the most valuable
+    experts filling what changes (a placement made without the layout, fitted to it)."""
+    s, l, e = problem.shape
+    scale = float(problem.weight.max(initial=0.0)) * s * l * e + 1.0  # below one kept cell in total
+    fitted, _ = layout_flow(problem, hosted + problem.weight / scale)
+    return fitted
+
+
 def solve_coverage(problem: PlacementProblem, *, deadline: Deadline, backend: str = "highs",
                    moves: MoveTerms | None = None, start: np.ndarray | None = None) -> Solution:
     """The coverage optimum (net of the move cost, within the move budget, when `moves` are given), with its
     proven bound. start: a feasible placement for the MILP to start from (sizes that differ)."""
     net = net_objective("coverage", moves).value
-    if problem.uniform and (moves is None or moves.budget_bytes is None):
+    by_flow = problem.uniform or problem.layout is not None
+    if by_flow and (moves is None or moves.budget_bytes is None):
         hosted, slack = flow_optimum(problem, moves)
         value = net(problem, hosted)
         return Solution(hosted, proven_status(value, value + slack), value + slack)
     bound = None
-    if problem.uniform:
+    if by_flow:
         start, bound = budget_bisection(problem, moves, deadline)
         if proven_status(net(problem, start), bound) == "optimal":
             return Solution(start, "optimal", bound)

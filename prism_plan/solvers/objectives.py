@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 
 from prism_plan.errors import PrismError
+from prism_plan.placement.layout import (activation_node_visits, balance_metrics, gpu_load, node_round_trip,
+                                        node_visits)
 from prism_plan.placement.metrics import route
 from prism_plan.placement.migration import needed_copy_bytes
 from prism_plan.placement.simulator import layer_objective, layer_serve, layer_traffic, replay_layer
@@ -94,31 +96,90 @@ def nearest_routing(problem: PlacementProblem, hosted: np.ndarray, homes: np.nda
     return route(hosted, homes, problem.hop_seconds)
 
 
-def layer_makespan(problem: PlacementProblem, routing: np.ndarray) -> np.ndarray:
+def even_dispatch(problem: PlacementProblem) -> bool:
+    """Whether the problem's serving system splits each expert's activations evenly over its copies (a layout
+    with dispatch `even`) rather than sending each home server's to one copy (its routing)."""
+    return problem.layout is not None and problem.layout.dispatch == "even"
+
+
+def layer_makespan(problem: PlacementProblem, routing: np.ndarray | None, hosted: np.ndarray | None = None
+                   ) -> np.ndarray:
     """seconds: [layers], the busiest server's compute time per layer over the whole profile.
-    routing: [servers, layers, experts] serving server for each home server."""
-    s, l, _ = problem.shape
-    load = np.zeros((s, l))
-    np.add.at(load, (routing, np.broadcast_to(np.arange(l)[None, :, None], routing.shape)), problem.weight)
+    routing: [servers, layers, experts] serving server for each home server; None with `hosted` to split each
+    expert's activations evenly over its copies."""
+    load = gpu_load(hosted, problem.weight, routing)
     return (load * problem.act_seconds[:, None]).max(axis=0)
+
+
+def activation_network(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None,
+                       round_trip: np.ndarray) -> float:
+    """Seconds per token when every remote activation pays `round_trip` ([servers, servers]) from its home to
+    its serving server (routing: [servers, layers, experts] serving server per home; None for even shares)."""
+    if routing is None:
+        share = hosted / np.maximum(hosted.sum(axis=0), 1)[None]  # [servers, layers, experts]
+        return float((np.einsum("hle,sle->hs", problem.weight, share) * round_trip).sum()) * problem.per_token
+    home = np.arange(problem.shape[0])[:, None, None]
+    return float((problem.weight * round_trip[home, routing]).sum()) * problem.per_token
 
 
 def latency_terms(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None):
     """(network seconds, compute makespan seconds), each per token, of the latency model.
 
-    Network: every remote activation pays the round trip of one hidden state to its serving server.
+    Network: every remote activation pays the round trip of one hidden state to its serving server; in a slot
+    layout with the token-level trace, a token pays one round trip per other node it visits in a layer
+    (co-activated experts there share it) and one per activation served elsewhere in its own node.
     Makespan: per layer, the busiest server's compute time over the whole profile, spread over its tokens.
-    routing: [servers, layers, experts] serving server for each home server (default: nearest replica).
+    routing: [servers, layers, experts] serving server for each home server (default: nearest replica, or under
+    even dispatch every copy an equal share).
     """
-    routing = nearest_routing(problem, hosted) if routing is None else routing
-    home = np.arange(problem.shape[0])[:, None, None]
-    network = float((problem.weight * problem.round_trip[home, routing]).sum()) * problem.per_token
-    return network, float(layer_makespan(problem, routing).sum()) * problem.per_token
+    if routing is None and not even_dispatch(problem):
+        routing = nearest_routing(problem, hosted)
+    makespan = float(layer_makespan(problem, routing, hosted).sum()) * problem.per_token
+    w = problem.workload
+    if problem.layout is None or w is None:
+        return activation_network(problem, hosted, routing, problem.round_trip), makespan
+    node = problem.nodes
+    same = node[:, None] == node[None, :]
+    inside = activation_network(problem, hosted, routing, np.where(same, problem.round_trip, 0.0))
+    across = node_visits(w.experts, w.home[w.origin], hosted, node, routing,
+                         cost=node_round_trip(problem.round_trip, node))
+    return inside + across, makespan
 
 
 def latency_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
     """Expected MoE seconds per token under the latency model (routing: default nearest replica)."""
     return float(sum(latency_terms(problem, hosted, routing)))
+
+
+def balance_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
+    """Seconds per token of the busiest server's expert compute, summed over layers (what EPLB minimises, in
+    time so that faster GPUs may carry more): activations split over copies as the problem's serving system
+    splits them (routing: [servers, layers, experts] serving server per home server; default nearest replica, or
+    even shares under even dispatch)."""
+    if routing is None and not even_dispatch(problem):
+        routing = nearest_routing(problem, hosted)
+    return float(layer_makespan(problem, routing, hosted).sum()) * problem.per_token
+
+
+def serving_metrics(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> dict:
+    """What a serving layout is judged by (DESIGN.md, "Objectives and metrics"): `balancedness`, `overload`,
+    and `cross_node_bytes_per_token` (hidden states out and back, once per other node a token visits in a layer;
+    counted token by token on the problem's trace, else per activation from the tables, an upper bound, as
+    `cross_node_counted` says). routing: [servers, layers, experts] serving server per home server (default
+    nearest replica); ignored under even dispatch."""
+    routing = None if even_dispatch(problem) else nearest_routing(problem, hosted) if routing is None else routing
+    metrics = balance_metrics(gpu_load(hosted, problem.weight, routing), problem.speed)
+    token_bytes = problem.costs.token_bytes if problem.costs is not None else 0
+    w = problem.workload
+    if w is not None:
+        visits = node_visits(w.experts, w.home[w.origin], hosted, problem.nodes, routing)
+        counted = "per token (trace)"
+    else:
+        visits = activation_node_visits(problem.weight, problem.tokens, hosted, problem.nodes, routing)
+        counted = "per activation (tables; co-activated experts sharing a trip not seen: an upper bound)"
+    metrics.update(cross_node_bytes_per_token=2.0 * token_bytes * visits, cross_node_counted=counted,
+                   dispatch="even" if even_dispatch(problem) else "static")
+    return metrics
 
 
 def _workload(problem: PlacementProblem, objective: str):
@@ -196,6 +257,8 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               coverage_upper_bound),
     Objective("latency", False, "expected MoE seconds per token (latency model)", latency_value,
               latency_lower_bound, weak_bound=True),
+    Objective("balance", False, "busiest server's expert compute seconds per token, summed over layers",
+              balance_value, balanced_compute),
     Objective("traffic", False, "network bytes per token (replayed trace)", traffic_value, traffic_lower_bound,
               weak_bound=True),
     Objective("simulated_ttft", False, "simulated mean MoE seconds per request (replayed trace)",
@@ -234,9 +297,29 @@ class MoveTerms:
         """bytes: [servers, layers, experts] float64, what hosting each cell costs to copy (0 where it is)."""
         return np.where(self.current, 0, problem.cell_bytes).astype(float)
 
+    def priced_bytes(self, problem: PlacementProblem) -> np.ndarray:
+        """[servers, layers, experts] float64, `copy_bytes` weighted by how much slower than the cluster's fastest
+        link the copy comes from its fastest current holder: with nodes, a copy over RDMA costs more than one over
+        NVLink; without, every byte the same."""
+        copy = self.copy_bytes(problem)
+        if problem.node is None or problem.cluster is None:
+            return copy
+        bandwidth = problem.cluster.bandwidth
+        best = np.zeros(problem.shape)
+        for src in range(problem.shape[0]):
+            np.maximum(best, self.current[src][None] * np.where(np.isinf(bandwidth[src]), 0.0, bandwidth[src])
+                       [:, None, None], out=best)
+        fastest = float(np.where(np.isinf(bandwidth), 0.0, bandwidth).max())
+        return copy * fastest / np.where(best > 0, best, fastest)
+
     def copied(self, problem: PlacementProblem, hosted: np.ndarray) -> int:
         """Bytes that must arrive somewhere new to go from the current placement to `hosted`."""
         return needed_copy_bytes(self.current, hosted, problem.layer_bytes)
+
+    def price(self, problem: PlacementProblem, hosted: np.ndarray) -> float:
+        """What going from the current placement to `hosted` costs in objective units: cost_per_byte x the
+        `priced_bytes` of every new cell."""
+        return self.cost_per_byte * float((self.priced_bytes(problem) * hosted).sum()) if self.cost_per_byte else 0.0
 
     def within_budget(self, problem: PlacementProblem, hosted: np.ndarray) -> bool:
         return self.budget_bytes is None or self.copied(problem, hosted) <= self.budget_bytes
@@ -254,7 +337,7 @@ def with_moves(objective: Objective, moves: MoveTerms) -> Objective:
     sign = -1.0 if objective.maximize else 1.0
 
     def net(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
-        return objective.value(problem, hosted, routing) + sign * moves.cost_per_byte * moves.copied(problem, hosted)
+        return objective.value(problem, hosted, routing) + sign * moves.price(problem, hosted)
 
     joined = "minus" if objective.maximize else "plus"
     return Objective(objective.name, objective.maximize, f"{objective.measure}, {joined} move cost x bytes copied",

@@ -9,7 +9,8 @@ import numpy as np
 
 from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.placement.checks import integer
-from prism_plan.placement.cluster import ClusterSpec
+from prism_plan.placement.cluster import ClusterSpec, SlotLayout
+from prism_plan.placement.layout import layout_violation
 from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec, model_from_meta
 from prism_plan.placement.simulator import CostModel, Workload, check_concurrency, prepare_workload
@@ -30,6 +31,8 @@ class PlacementProblem:
     workload: the token-level trace, cut into steps, for objectives judged by replaying it.
     tables, cluster, model, homes: what the problem was built from (None for problems made by hand);
     homes: [origins] the server index of each of the tables' origins.
+    layout: the equal slots per server and MoE layer a serving system needs (None: memory alone limits);
+    node: [servers] int64, the node each server is in (None: each its own).
     """
 
     weight: np.ndarray
@@ -45,6 +48,8 @@ class PlacementProblem:
     cluster: ClusterSpec | None = field(default=None, repr=False)
     model: ModelSpec | None = field(default=None, repr=False)
     homes: np.ndarray | None = field(default=None, repr=False)
+    layout: SlotLayout | None = None
+    node: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -88,6 +93,17 @@ class PlacementProblem:
     def demand(self) -> np.ndarray:
         """[layers, experts] float64, activations summed over servers (origin-blind load)."""
         return self.weight.sum(axis=0)
+
+    @property
+    def nodes(self) -> np.ndarray:
+        """[servers] int64, the node of each server (each its own when none are given)."""
+        return np.arange(self.shape[0]) if self.node is None else self.node
+
+    @property
+    def speed(self) -> np.ndarray:
+        """[servers] float64, each server's expert throughput relative to the mean (1 without costs)."""
+        act = self.act_seconds
+        return (1.0 / act) / np.mean(1.0 / act) if act.all() else np.ones(self.shape[0])
 
     def memory(self, hosted: np.ndarray) -> np.ndarray:
         """bytes: [servers] int64, what `hosted` ([servers, layers, experts] bool) takes on each server."""
@@ -140,7 +156,8 @@ def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSp
         workload = prepare_workload(trace, origins, cluster.homes(list(origins)), concurrency)
     problem = PlacementProblem(weight, model.layer_bytes, cluster.budgets, cluster.hop_seconds(model.token_bytes),
                                int(min_replicas), tuple(cluster.names), CostModel.of(cluster, model),
-                               float(tables.tokens.sum()), workload, tables, cluster, model, homes)
+                               float(tables.tokens.sum()), workload, tables, cluster, model, homes, cluster.layout,
+                               cluster.node_index if cluster.has_nodes else None)
     check_feasible(problem)
     return problem
 
@@ -160,6 +177,8 @@ def check_feasible(problem: PlacementProblem) -> None:
     if r > s:
         raise InfeasibleError(f"`min_replicas` {r} needs at least {r} servers, the cluster has {s}; lower "
                               f"`min_replicas` or add servers", parameters=("min_replicas",))
+    if problem.layout is not None:
+        check_layout(problem)
     need = r * e * int(problem.layer_bytes.sum())
     if problem.uniform:
         have = int(problem.slots.sum()) * int(problem.layer_bytes[0])
@@ -173,8 +192,31 @@ def check_feasible(problem: PlacementProblem) -> None:
                               f"({lines}); short by {human_bytes(need - have)}: raise memory_gib or add a server")
 
 
+def check_layout(problem: PlacementProblem) -> None:
+    """Raise InfeasibleError when no placement gives every server `slots_per_layer` distinct experts of each
+    layer within its memory with every expert `min_replicas` times."""
+    s, l, e = problem.shape
+    r, slots = problem.min_replicas, problem.layout.slots_per_layer
+    if slots > e:
+        raise InfeasibleError(f"[layout] slots_per_layer {slots} is more than the {e} experts of a layer, and a "
+                              f"server holds each expert once: give at most {e}")
+    if s * slots < r * e:
+        raise InfeasibleError(f"[layout] {s} servers x {slots} slots per layer hold {s * slots} experts, fewer "
+                              f"than {r} cop{'y' if r == 1 else 'ies'} of the {e} experts of a layer: give "
+                              f"slots_per_layer at least {-(-r * e // s)} or add servers")
+    need = slots * int(problem.layer_bytes.sum())
+    short = np.flatnonzero(problem.budget < need)
+    if len(short):
+        names = problem.server_names or tuple(map(str, range(s)))
+        raise InfeasibleError(f"infeasible budget: [layout] slots_per_layer {slots} needs {human_bytes(need)} per "
+                              f"server but {names[short[0]]} holds {human_bytes(int(problem.budget[short[0]]))}"
+                              f"{f' (and {len(short) - 1} more servers are short)' if len(short) > 1 else ''}: "
+                              f"raise memory_gib or lower slots_per_layer")
+
+
 def placement_fits(problem: PlacementProblem, hosted: np.ndarray) -> bool:
-    """Whether `hosted` ([servers, layers, experts] bool) keeps every server within its memory and every expert
-    at min_replicas copies."""
+    """Whether `hosted` ([servers, layers, experts] bool) keeps every server within its memory, every expert at
+    min_replicas copies, and the layout's slots when there is one."""
     return bool((problem.memory(hosted) <= problem.budget).all()
-                and hosted.sum(axis=0).min() >= problem.min_replicas)
+                and hosted.sum(axis=0).min() >= problem.min_replicas
+                and (problem.layout is None or layout_violation(hosted, problem.layout.slots_per_layer) is None))

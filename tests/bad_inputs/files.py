@@ -97,7 +97,7 @@ CASES = [
     Case("files-cluster-matrix-text", LATENCY, "got '1'", matrix('[[0, "1"], [1, 0]]')),
     Case("files-cluster-matrix-bool", LATENCY, "got True", matrix("[[0, true], [1, 0]]")),
     Case("files-cluster-matrix-shape", LATENCY, "must be a 2 x 2 list of lists", matrix("[[0, 1]]")),
-    Case("files-cluster-matrix-and-defaults", SOLVE, "drop the [[link]] and [defaults] tables or the [matrix]",
+    Case("files-cluster-matrix-and-defaults", SOLVE, "drop the [[link]], [[node]] and [defaults] tables or the [matrix]",
          edits("cluster.toml", "[[server]]", "[matrix]\nbandwidth_gbps = [[0, 1], [1, 0]]\n"
                                              "latency_ms = [[0, 1], [1, 0]]\n\n[[server]]")),
     # Cluster types and duplicates.
@@ -111,7 +111,7 @@ CASES = [
          servers_and(LINK + "\n" + LINK)),
     Case("files-cluster-link-reversed-repeat", SOLVE, "already sets",
          servers_and(LINK + "\n" + LINK.replace('a = "s0"\nb = "s1"', 'a = "s1"\nb = "s0"'))),
-    Case("files-cluster-link-unknown-server", SOLVE, "`b` must name a server, got 's9'",
+    Case("files-cluster-link-unknown-server", SOLVE, "`b` must name a server or a node, got 's9'",
          servers_and(LINK.replace('b = "s1"', 'b = "s9"'))),
     Case("files-cluster-link-self", SOLVE, "two different servers", servers_and(LINK.replace('b = "s1"', 'b = "s0"'))),
     Case("files-cluster-link-not-tables", SOLVE, "must be written as [[link]] tables", cluster("link = 5\n" + S0 + S1)),
