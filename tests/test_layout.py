@@ -217,3 +217,28 @@ def write_cluster(path, doc):
     lines.append(f'[layout]\nslots_per_layer = {doc["layout"]["slots_per_layer"]}\n'
                  f'dispatch = "{doc["layout"]["dispatch"]}"\n')
     path.write_text("\n".join(lines))
+
+
+def test_synthetic_routing_is_seeded_skewed_origin_dependent_and_drifts(dsv2):
+    from prism_plan.traces.synthetic import synthetic_trace, synthetic_windows
+    from prism_plan.traces.tables import build_tables
+
+    origins = ["a", "b", "c", "d"]
+    one = synthetic_trace(dsv2, origins, 256, seed=1)
+    assert one.experts.shape == (1024, 26, 6) and (np.diff(np.sort(one.experts, axis=2), axis=2) > 0).all()
+    assert (synthetic_trace(dsv2, origins, 256, seed=1).experts == one.experts).all()
+
+    def similarity(trace):
+        f = build_tables([trace]).freq.reshape(len(origins), -1)
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        return float((f @ f.T)[np.triu_indices(len(origins), 1)].mean())
+
+    assert similarity(synthetic_trace(dsv2, origins, 512, affinity=0.9)) < \
+        similarity(synthetic_trace(dsv2, origins, 512, affinity=0.0)) - 0.2
+    first, last = synthetic_windows(dsv2, origins, 512, 4, affinity=0.9)[::3]
+    f0, f3 = (build_tables([w]).freq.reshape(len(origins), -1) for w in (first, last))
+    # By the last window origin a routes as origin b did in the first.
+    assert np.corrcoef(f3[0], f0[1])[0, 1] > np.corrcoef(f3[0], f0[0])[0, 1] + 0.3
+    assert last.request.min() > first.request.max()
+    with pytest.raises(PrismError, match="`affinity`"):
+        synthetic_trace(dsv2, origins, 8, affinity=1.5)
