@@ -74,8 +74,9 @@ def solve(tables, cluster, model, objective, solver, backend, trace, concurrency
 @click.option("--plan", type=FILE, required=True, help="Current plan (.json); never modified.")
 @click.option("--tables", type=FILE, required=True, help="Tables of the new traffic (.npz).")
 @CLUSTER
-@click.option("--objective", type=click.Choice(["coverage", "latency"]), default="coverage", show_default=True,
-              help="coverage: local activations (exact flow); latency: the latency model's MILP.")
+@click.option("--objective", type=click.Choice(["coverage", "latency", "balance"]), default="coverage",
+              show_default=True, help="coverage: local activations (exact flow); latency: the latency model's MILP; "
+                                      "balance: a slot layout's busiest GPUs (a copy staying on its GPU is free).")
 @click.option("--budget-gib", type=Finite(min=0), help="Most GiB of experts to copy [default: no limit].")
 @click.option("--move-cost", type=Finite(min=0), default=0.0, show_default=True,
               help="Weight of a byte copied against a byte of remote traffic saved over the new tables' tokens "

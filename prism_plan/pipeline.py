@@ -100,9 +100,10 @@ def migrate_placement(plan: PlanLike, tables: TablesLike, cluster: ClusterLike, 
                       backend: str = "highs") -> tuple[Plan, MigrationPlan]:
     """Re-plan `plan` for the activations in `tables` and order the moves there.
 
-    objective: coverage or latency (the latency model). move_cost: bytes copied count move_cost times as
-    much as the remote-traffic bytes the new placement saves over the tables' tokens (0: only prefer fewer moves
-    among equally good placements). budget_bytes: most bytes to copy (None: no limit). min_gain: keep the current
+    objective: coverage, latency (the latency model) or balance (a slot layout). move_cost: bytes copied count
+    move_cost times as much as the remote-traffic bytes the new placement saves over the tables' tokens (with
+    nodes, a byte over a link k times slower than the fastest counts k times; 0: only prefer fewer moves among
+    equally good placements). budget_bytes: most bytes to copy (None: no limit). min_gain: keep the current
     placement (no moves) unless the new one improves the objective by this fraction. min_replicas: default the
     plan's. Raises a PrismError when the budget cannot reach a placement that fits, or the moves cannot be ordered.
     """
@@ -110,8 +111,8 @@ def migrate_placement(plan: PlanLike, tables: TablesLike, cluster: ClusterLike, 
     check_backend(backend)
     plan, tables, cluster = loaded(plan, Plan), loaded(tables, ActivationTables), loaded(cluster, ClusterSpec)
     if objective not in IncrementalSolver.objectives:
-        raise PrismError(f"migrate re-plans for coverage or latency, not {objective!r}: pass `objective` as one of "
-                         f"them", parameters=("objective",))
+        raise PrismError(f"migrate re-plans for coverage, latency or balance, not {objective!r}: pass `objective` "
+                         f"as one of them", parameters=("objective",))
     for name, value in (("move_cost", move_cost), ("min_gain", min_gain)):
         number(value, f"`{name}`", low=0.0, parameters=(name,))
     plan.check_servers(cluster)

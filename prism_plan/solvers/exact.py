@@ -12,6 +12,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError, TimeLimitError
 from prism_plan.solvers.backends import BACKENDS
+from prism_plan.solvers.balance import solve_layout_balance
 from prism_plan.solvers.base import Solver
 from prism_plan.solvers.coverage import solve_coverage
 from prism_plan.solvers.deadline import Deadline
@@ -34,8 +35,9 @@ class ExactSolver(Solver):
     MILP with its proven bound and gap."""
 
     name = "exact"
-    objectives = ("coverage", "latency")
-    summary = "optimal coverage (min-cost flow; MILP when expert sizes differ); latency MILP; with proof"
+    objectives = ("coverage", "latency", "balance")
+    summary = ("optimal coverage (min-cost flow; MILP when expert sizes differ; a flow per layer for a slot "
+               "layout); latency MILP; layout balance with bounds; with proof")
 
     def __init__(self, *, time_limit: float | None = None, seed: int = 0, backend: str = "highs",
                  warm_start: bool = True) -> None:
@@ -46,6 +48,8 @@ class ExactSolver(Solver):
         self.warm_start = warm_start
 
     def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:
+        if objective.name == "balance":
+            return solve_layout_balance(problem, deadline)
         if objective.name == "latency":
             return solve_latency(problem, greedy_start(problem, deadline), deadline=deadline, backend=self.backend,
                                  warm_start=self.warm_start)

@@ -2,6 +2,7 @@
 
     coverage:  maximise  coverage(x) - move_cost * copied(x)
     latency:   minimise  latency(x, y) + move_cost * copied(x)
+    balance:   minimise  balance(x) + move_cost * copied(x)     (a slot layout: a copy staying on its GPU is free)
     both:      subject to  copied(x) <= budget  when a budget is given
     copied(x) = sum_{s,l,e} bytes[l] * x[s,l,e] * (1 - current[s,l,e])   (bytes that must arrive somewhere new)
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.checks import integer, number
+from prism_plan.solvers.balance import solve_layout_balance
 from prism_plan.solvers.base import Solver
 from prism_plan.solvers.coverage import solve_coverage
 from prism_plan.solvers.deadline import Deadline
@@ -41,7 +43,7 @@ class IncrementalSolver(Solver):
     """
 
     name = "incremental"
-    objectives = ("coverage", "latency")
+    objectives = ("coverage", "latency", "balance")
     only_own_objectives = True
     summary = "re-solve from the current plan: objective net of move cost, under a move budget; flow/MILP"
 
@@ -67,6 +69,8 @@ class IncrementalSolver(Solver):
                              parameters=("current",))
         if objective.name == "coverage":
             sol = solve_coverage(problem, deadline=deadline, backend=self.backend, moves=self.moves)
+        elif objective.name == "balance":
+            sol = solve_layout_balance(problem, deadline, self.moves)
         else:
             sol = solve_latency(problem, [current], deadline=deadline, backend=self.backend, moves=self.moves)
         gross = get_objective(objective.name).value(problem, sol.hosted, sol.routing)

@@ -11,10 +11,13 @@ decomposition for clusters too large for it.
 
 w: activations whose origins arrive at h; rtt: one hidden state there and back (0 at home); c: seconds per
 activation. y exists only where w > 0, so the model grows with the demand actually seen. Built as sparse
-arrays, started from the best of the given placements and the coverage optimum.
+arrays, started from the best of the given placements and the coverage optimum. Past the MILP and the
+enumeration of server sets below, latency_decomposition.py bounds the model and improves the placement.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import scipy.sparse as sp
@@ -22,6 +25,7 @@ import scipy.sparse as sp
 from prism_plan.solvers.backends import BACKENDS, MilpModel
 from prism_plan.solvers.coverage import move_model, solve_coverage
 from prism_plan.solvers.deadline import Deadline
+from prism_plan.solvers.latency_decomposition import decompose
 from prism_plan.solvers.objectives import (MoveTerms, balanced_compute, latency_lower_bound, layer_makespan,
                                            nearest_routing, net_objective, proven_status)
 from prism_plan.solvers.problem import PlacementProblem, Solution, placement_fits
@@ -125,7 +129,8 @@ def solve_latency(problem: PlacementProblem, starts: list[np.ndarray], *, deadli
                   backend: str = "highs", moves: MoveTerms | None = None, warm_start: bool = True) -> Solution:
     """The latency model's best placement and routing (net of the move cost, within the move budget, when
     `moves` are given) with the best bound proven: the cheap `latency_lower_bound` (marked weak when nothing
-    beats it), the Lagrangian bound (when `lagrangian_fits`) and the MILP's (when `milp_fits`). starts:
+    beats it), the Lagrangian bound (enumerating server sets when `lagrangian_fits`, else the decomposition
+    of latency_decomposition.py, which also improves the best start) and the MILP's (when `milp_fits`). starts:
     feasible placements to begin from; the coverage optimum (with the move cost in coverage units) joins them.
     The MILP gets what time is left."""
     objective = net_objective("latency", moves)
@@ -139,6 +144,17 @@ def solve_latency(problem: PlacementProblem, starts: list[np.ndarray], *, deadli
         bound, rounded = lagrangian(problem, min(objective.value(problem, h) for h in candidates), deadline)
         bounds.append(bound)
         candidates += [] if rounded is None or not ok(rounded) else [rounded]
+    elif not deadline.expired():  # past the enumeration: the decomposition, with half the time if the MILP runs
+        began = time.perf_counter()
+        start = min(candidates, key=lambda h: objective.value(problem, h))
+        # Left for judging every candidate again, the final choice and the solver's report, each as long as
+        # judging one start took.
+        reserve = (len(candidates) + 4) * (time.perf_counter() - began) / len(candidates)
+        within = deadline.split(0.5 if milp_fits(problem) else 1.0)
+        bound, improved = decompose(problem, start, within if within.time_limit is None else
+                                    Deadline(max(within.time_limit - reserve, 0.01)))
+        bounds.append(bound)
+        candidates += [improved] if ok(improved) else []
     best = min(candidates, key=lambda h: objective.value(problem, h))
     routing = None
     if milp_fits(problem) and not deadline.expired():

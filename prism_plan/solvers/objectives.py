@@ -27,12 +27,13 @@ OPTIMALITY_TOLERANCE = 1e-6
 
 def relative_gap(objective: float, bound: float | None, maximize: bool = True) -> float | None:
     """How far `objective` may be from the optimum given `bound`: (bound - objective) / |bound| when
-    maximising, (objective - bound) / |objective| when minimising; 0 when they differ by under 1e-9 (absolute:
-    the rounding of scaled weights, near a zero objective), None without a bound."""
+    maximising, (objective - bound) / |objective| when minimising; 0 when they differ by under 1e-9 of the larger
+    or under 1e-15 (the rounding of scaled weights, near a zero objective: objectives in seconds per token are
+    small numbers), None without a bound."""
     if bound is None:
         return None
     scale = abs(bound) if maximize else abs(objective)
-    if scale < 1e-12 or abs(bound - objective) <= 1e-9:
+    if scale < 1e-15 or abs(bound - objective) <= max(1e-15, 1e-9 * max(abs(bound), abs(objective))):
         return 0.0
     return max(0.0, ((bound - objective) if maximize else (objective - bound)) / scale)
 
@@ -276,7 +277,10 @@ def get_objective(name: str) -> Objective:
 
 def activation_value(problem: PlacementProblem, objective: str) -> float:
     """What serving one more activation at home instead of remotely is worth in `objective`'s units: one
-    activation (coverage), or one mean round trip spread over the tokens (latency, seconds per token)."""
+    activation (coverage), one mean round trip spread over the tokens (latency, seconds per token), or one
+    activation's compute at the mean server spread over the tokens (balance)."""
+    if objective == "balance":
+        return float(problem.act_seconds.mean()) * problem.per_token
     if objective != "latency":
         return 1.0
     s = problem.shape[0]
