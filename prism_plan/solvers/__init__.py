@@ -10,8 +10,8 @@ import inspect
 from prism_plan.errors import PrismError
 from prism_plan.solvers.backends import BACKENDS
 from prism_plan.solvers.base import SolveResult, Solver
-from prism_plan.solvers.baselines import (EplbMemorySolver, EplbSolver, LinearSolver, PopularitySolver,
-                                          RandomSolver, RoundRobinSolver)
+from prism_plan.solvers.baselines import (CoactivationSolver, EplbMemorySolver, EplbSolver, LinearSolver,
+                                          PopularitySolver, RandomSolver, RoundRobinSolver)
 from prism_plan.solvers.exact import ExactSolver
 from prism_plan.solvers.greedy import GreedySolver
 from prism_plan.solvers.incremental import IncrementalSolver
@@ -21,7 +21,7 @@ from prism_plan.solvers.problem import PlacementProblem, build_problem
 
 SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (
     ExactSolver, GreedySolver, LocalSearchSolver, LinearSolver, RoundRobinSolver, PopularitySolver, EplbSolver,
-    EplbMemorySolver, RandomSolver)}
+    EplbMemorySolver, CoactivationSolver, RandomSolver)}
 
 
 def get_solver(name: str, **options) -> Solver:

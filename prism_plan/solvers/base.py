@@ -72,11 +72,13 @@ class Solver(ABC):
 
     objectives: what the solver optimises itself; under any other objective its placement is scored and
     reported as a heuristic, unless `only_own_objectives`, when asking for another one is an error.
+    needs_layout: it plans slot layouts only (clusters with a [layout]).
     """
 
     name: ClassVar[str]
     objectives: ClassVar[tuple[str, ...]] = ()
     only_own_objectives: ClassVar[bool] = False
+    needs_layout: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
     def __init__(self, *, time_limit: float | None = None, seed: int = 0) -> None:
@@ -99,6 +101,9 @@ class Solver(ABC):
             raise PrismError(f"solver {self.name!r} optimises {' or '.join(self.objectives)}, not {objective!r}: "
                              f"pass `objective` {self.objectives[0]!r} or another `solver`",
                              parameters=("objective", "solver"))
+        if self.needs_layout and problem.layout is None:
+            raise PrismError(f"solver {self.name!r} plans serving layouts: add a [layout] table with slots_per_layer "
+                             f"to the cluster file, or pass another `solver`", parameters=("solver",))
         check_feasible(problem)
         deadline = Deadline(self.time_limit)
         sol = self._solve(problem, obj, deadline)

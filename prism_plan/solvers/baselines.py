@@ -11,13 +11,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from prism_plan.errors import InfeasibleError
+from prism_plan.errors import InfeasibleError, PrismError
 from prism_plan.solvers.base import Solver
 from prism_plan.solvers.deadline import UNLIMITED, Deadline
 from prism_plan.solvers.eplb import rebalance, replicate_experts
 from prism_plan.solvers.objectives import Objective
 from prism_plan.solvers.problem import PlacementProblem, Solution
 from prism_plan.solvers.repair import repair_coverage
+from prism_plan.solvers.topology import check_topology_problem, pack_nodes, whole_experts_fit
 from prism_plan.units import human_bytes
 
 
@@ -359,3 +360,103 @@ class RandomSolver(LayoutSolver):
 
     def place(self, problem: PlacementProblem, deadline: Deadline) -> np.ndarray:
         return random_placement(problem, self.seed)
+
+
+# Share of a node's slots and fair load the co-activation seeding may fill (TensorRT-LLM's `alpha`); the rest
+# goes by load alone.
+COACTIVATION_ALPHA = 0.8
+
+
+def capped_copies(load: np.ndarray, total: int, cap: int, min_replicas: int) -> np.ndarray:
+    """[experts] int64: EPLB's replication (each extra copy to the expert of highest load per copy) with at
+    most `cap` copies each, until `total` copies or every expert at the cap. load: [experts]."""
+    count = np.full(len(load), min_replicas, np.int64)
+    for _ in range(total - int(count.sum())):
+        per_copy = np.where(count < cap, load / count, -np.inf)
+        if not np.isfinite(per_copy).any():
+            break
+        count[np.argmax(per_copy)] += 1
+    return count
+
+
+def coactivation_nodes(demand: np.ndarray, coact: np.ndarray, node: np.ndarray, speed: np.ndarray, slots: int,
+                       min_replicas: int, alpha: float = COACTIVATION_ALPHA) -> np.ndarray:
+    """[experts] int64, the node of each expert (with all its copies) in one layer, by co-activation grouping
+    (TensorRT-LLM's do_placement_with_cooccurrence at the level of nodes): copies as EPLB replicates them; each
+    node in turn is seeded with the free expert of largest load per copy and takes the free expert most
+    co-activated with what it holds until alpha x its slots or alpha x its fair load would be passed; the rest,
+    by load per copy, go to the node least loaded relative to its fair share with room for their copies.
+
+    demand: [experts]; coact: [experts, experts] tokens in which both fired; node, speed: [servers]."""
+    n_nodes = int(node.max()) + 1
+    gpus = np.bincount(node, minlength=n_nodes)
+    room = gpus * slots
+    fair = demand.sum() * np.bincount(node, speed, minlength=n_nodes) / speed.sum()
+    count = capped_copies(demand, int(room.sum()), int(gpus.min()), min_replicas)
+    per_copy = demand / count
+    co = coact - np.diag(np.diag(coact))
+    assign = np.full(len(demand), -1, np.int64)
+    used, load, held = np.zeros(n_nodes, np.int64), np.zeros(n_nodes), np.zeros(n_nodes, np.int64)
+
+    def put(e: int, n: int) -> None:
+        assign[e] = n
+        used[n] += count[e]
+        load[n] += demand[e]
+        held[n] += 1
+
+    for n in range(n_nodes):
+        free = assign < 0
+        if not free.any():
+            break
+        put(int(np.argmax(np.where(free, per_copy, -np.inf))), n)
+        while True:
+            ok = (assign < 0) & (used[n] + count <= alpha * room[n]) & (load[n] + demand <= alpha * fair[n])
+            if not ok.any():
+                break
+            score = np.where(ok, co[:, assign == n].sum(axis=1), -np.inf)
+            best = np.flatnonzero(score == score.max())
+            put(int(best[np.argmax(per_copy[best])]), n)
+    left = np.flatnonzero(assign < 0)
+    for i, e in enumerate(left[np.argsort(-per_copy[left], kind="stable")]):
+        # Every node needs at least `slots` experts (at most one copy per GPU): keep enough back for them.
+        short = np.maximum(slots - held, 0)
+        must = short > 0 if short.sum() >= len(left) - i else np.ones(n_nodes, bool)
+        fits = must & (held < room // min_replicas) & (used + count[e] <= room)
+        fits = fits if fits.any() else must & (held < room // min_replicas)
+        put(e, int(np.flatnonzero(fits)[np.argmin((load / fair)[fits])]))
+    return assign
+
+
+def coactivation_placement(problem: PlacementProblem, deadline: Deadline = UNLIMITED) -> np.ndarray:
+    """[servers, layers, experts] bool: per layer, experts grouped onto nodes by co-activation
+    (`coactivation_nodes`, with the tables' `coact`), then each node's copies packed onto its GPUs for balance
+    (`topology.pack_nodes`). The co-activation idea of SGLang PR #19811 and TensorRT-LLM's offline balancer, at the
+    level of nodes, for a cluster with a [layout]."""
+    check_topology_problem(problem)
+    if problem.tables is None or problem.tables.coact is None:
+        raise PrismError("the coactivation layout needs tables with co-activation counts; build the tables with "
+                         "pairs", parameters=("tables",))
+    if not whole_experts_fit(problem):
+        raise InfeasibleError(f"the coactivation layout keeps each expert on one node, but its nodes need more "
+                              f"than the {problem.shape[2]} experts of a layer (every node holds at least "
+                              f"slots_per_layer of them); group the servers into fewer nodes")
+    slots, r = problem.layout.slots_per_layer, problem.min_replicas
+    node, speed = problem.nodes, problem.speed
+    hosted = np.zeros(problem.shape, bool)
+    for layer in range(problem.shape[1]):
+        demand = problem.demand[layer]
+        assign = coactivation_nodes(demand, problem.tables.coact[layer], node, speed, slots, r)
+        hosted[:, layer] = pack_nodes(demand, assign, node, speed, slots, r,
+                                      deadline.split(1.0 / (problem.shape[1] - layer)))
+    return hosted
+
+
+class CoactivationSolver(LayoutSolver):
+    """Co-activated experts grouped onto nodes, then packed for balance: `coactivation_placement`."""
+
+    name = "coactivation"
+    needs_layout = True
+    summary = "co-activated experts grouped onto nodes, copies packed for balance (TensorRT-LLM/SGLang idea)"
+
+    def place(self, problem: PlacementProblem, deadline: Deadline) -> np.ndarray:
+        return coactivation_placement(problem, deadline)

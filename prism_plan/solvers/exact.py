@@ -1,9 +1,10 @@
 """`exact`: the models solved with proof.
 
 coverage: the min-cost flow for equal expert sizes (optimal in well under a second at DeepSeek-V3 scale), the
-coverage MILP otherwise, started from greedy. latency: the latency MILP with routing, started from the best of
-greedy and the coverage optimum, bounded by it and by the Lagrangian decomposition. Every result carries the
-bound and gap the model proves.
+coverage MILP otherwise, started from greedy; with a slot layout, one flow per layer. latency: the latency MILP
+with routing, started from the best of greedy and the coverage optimum, bounded by it and by the Lagrangian
+decomposition; with a slot layout, the topology search (solvers.topology) and its weak bound. balance (slot
+layouts): solvers.balance. Every result carries the bound and gap the model proves.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from prism_plan.solvers.coverage import solve_coverage
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.greedy import greedy_placement
 from prism_plan.solvers.latency import solve_latency
-from prism_plan.solvers.objectives import Objective
+from prism_plan.solvers.objectives import Objective, even_dispatch
 from prism_plan.solvers.problem import PlacementProblem, Solution
+from prism_plan.solvers.topology import static_balance_routing, topology_latency_bound, topology_solution
 
 
 def check_backend(backend: str) -> str:
@@ -49,7 +51,16 @@ class ExactSolver(Solver):
 
     def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:
         if objective.name == "balance":
-            return solve_layout_balance(problem, deadline)
+            sol = solve_layout_balance(problem, deadline.split(0.8))
+            if not even_dispatch(problem):  # each home's activations of an expert go to one copy the plan names
+                sol.routing = static_balance_routing(problem, sol.hosted, deadline)
+            return sol
+        if objective.name == "latency" and problem.layout is not None:
+            # The bound first, within a share of the time; the placement search leaves a share for scoring the
+            # plan on the whole trace (seconds at 256 GPUs).
+            bound = topology_latency_bound(problem, deadline.split(0.2))
+            hosted, routing = topology_solution(problem, deadline.split(0.85))
+            return Solution(hosted, "feasible", bound, routing, weak_bound=True)
         if objective.name == "latency":
             return solve_latency(problem, greedy_start(problem, deadline), deadline=deadline, backend=self.backend,
                                  warm_start=self.warm_start)

@@ -33,6 +33,8 @@ def relative_gap(objective: float, bound: float | None, maximize: bool = True) -
     if bound is None:
         return None
     scale = abs(bound) if maximize else abs(objective)
+    if not np.isfinite(bound):  # no bound proven yet (a decomposition's start)
+        return float("inf")
     if scale < 1e-15 or abs(bound - objective) <= max(1e-15, 1e-9 * max(abs(bound), abs(objective))):
         return 0.0
     return max(0.0, ((bound - objective) if maximize else (objective - bound)) / scale)
