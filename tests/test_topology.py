@@ -20,9 +20,10 @@ from prism_plan.solvers.baselines import (CoactivationSolver, capped_copies, coa
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.objectives import latency_value, serving_metrics
 from prism_plan.solvers.problem import placement_fits
-from prism_plan.solvers.topology import (TableVisits, TokenVisits, layer_overload, plan_topology, spare_ladder,
-                                         swap_gain, topology_latency_bound, topology_network_bound,
-                                         topology_placement, topology_solution)
+from prism_plan.solvers.static_dispatch import spare_ladder
+from prism_plan.solvers.topology import (TableVisits, TokenVisits, layer_overload, plan_topology, swap_gain,
+                                         topology_latency_bound, topology_network_bound, topology_placement,
+                                         topology_solution)
 from prism_plan.studies.bundled import BUNDLED_TRACE
 from prism_plan.traces.trace import Trace, TraceMeta
 

@@ -21,7 +21,8 @@ from prism_plan.solvers.greedy import greedy_placement
 from prism_plan.solvers.latency import solve_latency
 from prism_plan.solvers.objectives import Objective, even_dispatch
 from prism_plan.solvers.problem import PlacementProblem, Solution
-from prism_plan.solvers.topology import static_balance_routing, topology_latency_bound, topology_solution
+from prism_plan.solvers.static_dispatch import static_balance_routing
+from prism_plan.solvers.topology import topology_latency_bound, topology_solution
 
 
 def check_backend(backend: str) -> str:
