@@ -63,6 +63,19 @@ def number(value: Any, what: str, *, low: float | None = None, high: float | Non
     return float(value)
 
 
+def finite_array(value: Any, name: str, *, ndim: int, shape: str, holds: str, positive: bool = False) -> np.ndarray:
+    """`value` as a float64 array of `ndim` dimensions, not empty, every entry finite and >= 0 (> 0 when
+    `positive`); else a PrismError naming the parameter `name`. shape: what it must be ("a [layers, experts]
+    array of loads"); holds: what its entries must be, and how to fix them."""
+    a = np.asarray(value)
+    if a.ndim != ndim or not a.size or a.dtype.kind not in "iuf":
+        raise PrismError(f"`{name}` must be {shape}, got shape {list(a.shape)} of {a.dtype}", parameters=(name,))
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all() or ((a <= 0) if positive else (a < 0)).any():
+        raise PrismError(f"`{name}` must hold {holds}", parameters=(name,))
+    return a
+
+
 def text(value: Any, what: str, *, fix: str = "") -> str:
     """`value` when it is a non-empty string; else a PrismError naming `what`."""
     if not isinstance(value, str) or not value:

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from prism_plan.errors import PrismError
-from prism_plan.placement.checks import integer
+from prism_plan.placement.checks import finite_array, integer
 from prism_plan.solvers.backends import BACKENDS, MilpModel
 from prism_plan.solvers.deadline import UNLIMITED, Deadline
 from prism_plan.solvers.objectives import OPTIMALITY_TOLERANCE, MoveTerms, even_dispatch, relative_gap
@@ -73,27 +73,13 @@ class BalanceResult:
 
 
 def _check_demand(demand) -> np.ndarray:
-    d = np.asarray(demand)
-    if d.ndim != 2 or not d.size or d.dtype.kind not in "iuf":
-        raise PrismError(f"`demand` must be a [layers, experts] array of activations, got shape {list(d.shape)} "
-                         f"of {d.dtype}", parameters=("demand",))
-    d = d.astype(np.float64)
-    if not np.isfinite(d).all() or (d < 0).any():
-        raise PrismError("`demand` must hold finite activation counts >= 0; drop NaNs and negative values",
-                         parameters=("demand",))
-    return d
+    return finite_array(demand, "demand", ndim=2, shape="a [layers, experts] array of activations",
+                        holds="finite activation counts >= 0; drop NaNs and negative values")
 
 
 def _check_speed(speed) -> np.ndarray:
-    s = np.asarray(speed)
-    if s.ndim != 1 or not s.size or s.dtype.kind not in "iuf":
-        raise PrismError(f"`speed` must be a [gpus] array of relative throughputs, got shape {list(s.shape)}",
-                         parameters=("speed",))
-    s = s.astype(np.float64)
-    if not np.isfinite(s).all() or (s <= 0).any():
-        raise PrismError("`speed` must hold finite throughputs > 0 (1.0 for a reference GPU)",
-                         parameters=("speed",))
-    return s
+    return finite_array(speed, "speed", ndim=1, shape="a [gpus] array of relative throughputs",
+                        holds="finite throughputs > 0 (1.0 for a reference GPU)", positive=True)
 
 
 def _check_slots(slots_per_layer, min_replicas, gpus: int, experts: int) -> tuple[int, int]:

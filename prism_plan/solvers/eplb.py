@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.placement.checks import integer
+from prism_plan.placement.checks import finite_array, integer
 
 
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,15 +124,8 @@ def logical_to_physical(phy2log: np.ndarray, replica: np.ndarray, logcnt: np.nda
 def check_weight(weight: np.ndarray) -> np.ndarray:
     """`weight` ([layers, experts] loads) as float64, or a PrismError naming it when it is not a 2-D array of
     finite loads >= 0."""
-    w = np.asarray(weight)
-    if w.ndim != 2 or not w.size or w.dtype.kind not in "iuf":
-        raise PrismError(f"`weight` must be a [layers, experts] array of loads, got shape {list(w.shape)} of "
-                         f"{w.dtype}", parameters=("weight",))
-    w = w.astype(np.float64)
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise PrismError("`weight` must hold finite loads >= 0 (token counts per expert); drop NaNs and negative "
-                         "values", parameters=("weight",))
-    return w
+    return finite_array(weight, "weight", ndim=2, shape="a [layers, experts] array of loads",
+                        holds="finite loads >= 0 (token counts per expert); drop NaNs and negative values")
 
 
 def rebalance(weight: np.ndarray, num_replicas: int, num_groups: int = 1, num_nodes: int = 1,
