@@ -194,6 +194,21 @@ def _tables(where: str, value: Any, header: str) -> list[Mapping[str, Any]]:
     return value
 
 
+def _named_tables(source: str, value: Any, header: str, keys: set[str]):
+    """(where, name, table) of each [[header]] table, its keys checked and its `name` given and unique; where
+    names the table for errors."""
+    seen: set[str] = set()
+    for i, raw in enumerate(_tables(source, value, header)):
+        where = f"{source}: {header} #{i + 1}"
+        _check_keys(where, raw, keys)
+        name = text(raw.get("name"), f"{where}: `name`", fix=f"give every {header} a name")
+        where = f"{source}: {header} {name!r}"
+        if name in seen:
+            _fail(where, f"duplicate {header} name; every {header} needs its own name")
+        seen.add(name)
+        yield where, name, raw
+
+
 def _check_keys(where: str, table: Mapping[str, Any], allowed: set[str]) -> None:
     unknown = set(table) - allowed
     if unknown:
@@ -211,13 +226,7 @@ def parse_cluster(doc: Mapping[str, Any], source: str = "cluster") -> ClusterSpe
         _fail(source, "no servers: add at least one [[server]] table with name and memory_gib")
     servers: list[ServerSpec] = []
     owner: dict[str, str] = {}
-    for i, raw in enumerate(_tables(source, raw_servers, "server")):
-        where = f"{source}: server #{i + 1}"
-        _check_keys(where, raw, _SERVER_KEYS)
-        name = text(raw.get("name"), f"{where}: `name`", fix="give every server a name")
-        where = f"{source}: server {name!r}"
-        if name in (s.name for s in servers):
-            _fail(where, "duplicate server name; every server needs its own name")
+    for where, name, raw in _named_tables(source, raw_servers, "server", _SERVER_KEYS):
         memory = _number(where, raw, "memory_gib")
         compute = _number(where, raw, "compute_tflops", default=1.0)
         origins = raw.get("origins", [name])
@@ -242,13 +251,7 @@ def _parse_nodes(doc: Mapping[str, Any], servers: list[ServerSpec], source: str)
     """The [[node]] tables, each named by some server's `node`, none named like a server."""
     nodes: list[NodeSpec] = []
     server_names = {s.name for s in servers}
-    for i, raw in enumerate(_tables(source, doc.get("node", []), "node")):
-        where = f"{source}: node #{i + 1}"
-        _check_keys(where, raw, _NODE_KEYS)
-        name = text(raw.get("name"), f"{where}: `name`", fix="give every node a name")
-        where = f"{source}: node {name!r}"
-        if name in (n.name for n in nodes):
-            _fail(where, "duplicate node name; every [[node]] needs its own name")
+    for where, name, raw in _named_tables(source, doc.get("node", []), "node", _NODE_KEYS):
         if name in server_names:
             _fail(where, "a server has the same name; links may name nodes, so give the node another name")
         if not any(s.node == name for s in servers):
