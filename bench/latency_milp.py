@@ -41,6 +41,16 @@ def zipf_latency_problem(model_name: str, servers: int, seed: int = 0) -> Placem
     return replace(problem, hop_seconds=hop, costs=costs, tokens=100_000.0 * servers)
 
 
+def exact_latency(problem: PlacementProblem, limit: float):
+    """exact's latency solve within `limit` seconds: (result, seconds, gap as text, bound in ms/token as text)."""
+    t = time.perf_counter()
+    res = get_solver("exact", time_limit=limit).solve(problem, "latency")
+    seconds = time.perf_counter() - t
+    gap = "n/a" if res.gap is None else f"{100 * res.gap:.3f}%"
+    bound = "n/a" if res.bound is None else f"{1e3 * res.bound:.4f}"
+    return res, seconds, gap, bound
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--time-limit", type=float, nargs=2, default=[60.0, 120.0], metavar=("ESFT", "QWEN3"),
@@ -54,11 +64,7 @@ def main() -> None:
           f"{'objective ms/token':>18} {'bound':>9} {'gap':>8}")
     for name, problem, limit in cases:
         s, l, e = problem.shape
-        t = time.perf_counter()
-        res = get_solver("exact", time_limit=limit).solve(problem, "latency")
-        seconds = time.perf_counter() - t
-        gap = "n/a" if res.gap is None else f"{100 * res.gap:.3f}%"
-        bound = "n/a" if res.bound is None else f"{1e3 * res.bound:.4f}"
+        res, seconds, gap, bound = exact_latency(problem, limit)
         print(f"{name:20} {f'{l} x {e}':>16} {s:>7} {limit:>7.0f} {res.status:>9} {seconds:>8.2f} "
               f"{1e3 * res.objective:>18.4f} {bound:>9} {gap:>8}")
 

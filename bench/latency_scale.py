@@ -8,11 +8,9 @@ Run: python bench/latency_scale.py [--time-limit S]
 from __future__ import annotations
 
 import argparse
-import time
 
-from latency_milp import zipf_latency_problem
+from latency_milp import exact_latency, zipf_latency_problem
 
-from prism_plan.solvers import get_solver
 
 CASES = [("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 16), ("deepseek-v3", 16), ("deepseek-v3", 32)]
 
@@ -25,11 +23,7 @@ def main() -> None:
           f"{'seconds':>8}")
     for name, servers in CASES:
         problem = zipf_latency_problem(name, servers)
-        t = time.perf_counter()
-        res = get_solver("exact", time_limit=args.time_limit).solve(problem, "latency")
-        seconds = time.perf_counter() - t
-        gap = "n/a" if res.gap is None else f"{100 * res.gap:.3f}%"
-        bound = "n/a" if res.bound is None else f"{1e3 * res.bound:.4f}"
+        res, seconds, gap, bound = exact_latency(problem, args.time_limit)
         print(f"{name:14} {servers:>7} {res.status:>9} {1e3 * res.objective:>18.4f} {bound:>9} {gap:>8} "
               f"{seconds:>8.2f}")
 
