@@ -105,6 +105,14 @@ def even_dispatch(problem: PlacementProblem) -> bool:
     return problem.layout is not None and problem.layout.dispatch == "even"
 
 
+def default_routing(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None) -> np.ndarray | None:
+    """`routing` when given, else how the serving system routes `hosted`: the nearest replica, or None (even
+    shares) under even dispatch."""
+    if routing is None and not even_dispatch(problem):
+        return nearest_routing(problem, hosted)
+    return routing
+
+
 def layer_makespan(problem: PlacementProblem, routing: np.ndarray | None, hosted: np.ndarray | None = None
                    ) -> np.ndarray:
     """seconds: [layers], the busiest server's compute time per layer over the whole profile.
@@ -135,8 +143,7 @@ def latency_terms(problem: PlacementProblem, hosted: np.ndarray, routing: np.nda
     routing: [servers, layers, experts] serving server for each home server (default: nearest replica, or under
     even dispatch every copy an equal share).
     """
-    if routing is None and not even_dispatch(problem):
-        routing = nearest_routing(problem, hosted)
+    routing = default_routing(problem, hosted, routing)
     makespan = float(layer_makespan(problem, routing, hosted).sum()) * problem.per_token
     w = problem.workload
     if problem.layout is None or w is None:
@@ -159,8 +166,7 @@ def balance_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.nda
     time so that faster GPUs may carry more): activations split over copies as the problem's serving system
     splits them (routing: [servers, layers, experts] serving server per home server; default nearest replica, or
     even shares under even dispatch)."""
-    if routing is None and not even_dispatch(problem):
-        routing = nearest_routing(problem, hosted)
+    routing = default_routing(problem, hosted, routing)
     return float(layer_makespan(problem, routing, hosted).sum()) * problem.per_token
 
 
@@ -170,7 +176,7 @@ def serving_metrics(problem: PlacementProblem, hosted: np.ndarray, routing: np.n
     counted token by token on the problem's trace, else per activation from the tables, an upper bound, as
     `cross_node_counted` says). routing: [servers, layers, experts] serving server per home server (default
     nearest replica); ignored under even dispatch."""
-    routing = None if even_dispatch(problem) else nearest_routing(problem, hosted) if routing is None else routing
+    routing = None if even_dispatch(problem) else default_routing(problem, hosted, routing)
     metrics = balance_metrics(gpu_load(hosted, problem.weight, routing), problem.speed)
     token_bytes = problem.costs.token_bytes if problem.costs is not None else 0
     w = problem.workload
