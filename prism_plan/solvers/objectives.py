@@ -7,7 +7,7 @@ where one is cheap, a bound no placement can beat; `weak_bound` marks bounds tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -304,6 +304,8 @@ class MoveTerms:
     current: np.ndarray
     cost_per_byte: float = 0.0
     budget_bytes: int | None = None
+    # priced_bytes of the last problem asked about: a budget's bisection prices every step of one problem.
+    _priced: dict = field(default_factory=dict, compare=False, repr=False)
 
     def copy_bytes(self, problem: PlacementProblem) -> np.ndarray:
         """bytes: [servers, layers, experts] float64, what hosting each cell costs to copy (0 where it is)."""
@@ -316,13 +318,19 @@ class MoveTerms:
         copy = self.copy_bytes(problem)
         if problem.node is None or problem.cluster is None:
             return copy
+        seen = self._priced.get(id(problem))
+        if seen is not None and seen[0] is problem:
+            return seen[1]
         bandwidth = problem.cluster.bandwidth
         best = np.zeros(problem.shape)
         for src in range(problem.shape[0]):
             np.maximum(best, self.current[src][None] * np.where(np.isinf(bandwidth[src]), 0.0, bandwidth[src])
                        [:, None, None], out=best)
         fastest = float(np.where(np.isinf(bandwidth), 0.0, bandwidth).max())
-        return copy * fastest / np.where(best > 0, best, fastest)
+        priced = copy * fastest / np.where(best > 0, best, fastest)
+        self._priced.clear()
+        self._priced[id(problem)] = (problem, priced)
+        return priced
 
     def copied(self, problem: PlacementProblem, hosted: np.ndarray) -> int:
         """Bytes that must arrive somewhere new to go from the current placement to `hosted`."""
