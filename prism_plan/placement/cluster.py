@@ -303,16 +303,16 @@ def _link_matrices(doc: Mapping[str, Any], servers: list[ServerSpec], nodes: tup
     for node in nodes:
         inside = np.ix_(member[node.name], member[node.name])
         bw[inside], lat[inside] = node.bandwidth_gbps, node.latency_ms
-    links = _tables(source, doc.get("link", []), "link")
+    links = []
+    for i, raw in enumerate(_tables(source, doc.get("link", []), "link")):
+        _check_keys(f"{source}: link #{i + 1}", raw, _LINK_KEYS)
+        links.append((i, raw, _link_ends(raw, names, member, f"{source}: link #{i + 1}")))
     # Links naming nodes first, so that a link naming two of their servers overrides them.
     for level in ("node", "server"):
         given: dict[tuple[int, int], tuple[int, float, float]] = {}  # (from, to) -> (link number, gbps, ms)
-        for i, raw in enumerate(links):
-            _check_keys(f"{source}: link #{i + 1}", raw, _LINK_KEYS)
-            ends = _link_ends(raw, names, member, f"{source}: link #{i + 1}")
-            if ends[0] != level:
+        for i, raw, (kind, ia, ib) in links:
+            if kind != level:
                 continue
-            _, ia, ib = ends
             a, b = raw["a"], raw["b"]
             where = f"{source}: link #{i + 1} ({a!r}-{b!r})"
             gbps = _number(where, raw, "bandwidth_gbps")
