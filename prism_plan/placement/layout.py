@@ -13,6 +13,13 @@ import numpy as np
 _CHUNK_CELLS = 2_000_000
 
 
+def by_node(values: np.ndarray, node: np.ndarray) -> np.ndarray:
+    """[nodes, ...] `values` ([servers, ...]) summed over each node's servers; node: [servers] node index."""
+    out = np.zeros((int(node.max()) + 1,) + values.shape[1:])
+    np.add.at(out, node, values)
+    return out
+
+
 def layout_violation(hosted: np.ndarray, slots_per_layer: int) -> tuple[int, int, int] | None:
     """(server, layer, experts it holds) of the first (server, layer) not holding exactly `slots_per_layer`
     experts, None when all do. hosted: [servers, layers, experts] bool."""
@@ -78,9 +85,7 @@ def node_visits(experts: np.ndarray, home: np.ndarray, hosted: np.ndarray, node:
         visit[np.arange(tokens)[:, None, None], lay, served] = True
         visit[np.arange(tokens), :, node[home]] = False
         return float((visit * cost[home][:, None, :]).sum()) / tokens
-    at_node = np.zeros((n_nodes,) + hosted.shape[1:])
-    np.add.at(at_node, node, hosted)
-    share = at_node / np.maximum(hosted.sum(axis=0), 1)[None]  # [nodes, layers, experts]
+    share = by_node(hosted, node) / np.maximum(hosted.sum(axis=0), 1)[None]  # [nodes, layers, experts]
     chunk = max(1, _CHUNK_CELLS // max(1, layers * k * n_nodes))
     total = 0.0
     for start in range(0, tokens, chunk):
@@ -107,12 +112,9 @@ def activation_node_visits(weight: np.ndarray, tokens: float, hosted: np.ndarray
 
     weight: [servers, layers, experts] activations per home server; tokens: tokens behind them; routing as in
     `node_visits`."""
-    s, l, e = hosted.shape
     if routing is None:
         copies = np.maximum(hosted.sum(axis=0), 1)
-        at_node = np.zeros((int(node.max()) + 1, l, e))
-        np.add.at(at_node, node, hosted)
-        away = 1.0 - at_node[node] / copies[None]  # [servers, layers, experts]: share served on another node
+        away = 1.0 - by_node(hosted, node)[node] / copies[None]  # [servers, layers, experts]: served elsewhere
     else:
         away = (node[routing] != node[:, None, None]).astype(float)
     return float((weight * away).sum()) / tokens if tokens else 0.0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prism_plan.placement.layout import balance_metrics, gpu_load
+from prism_plan.placement.layout import balance_metrics, by_node, gpu_load
 from prism_plan.solvers.balance import fewest_largest_pieces, pack
 from prism_plan.solvers.coverage import solve_flow
 from prism_plan.solvers.deadline import UNLIMITED, Deadline
@@ -30,14 +30,6 @@ SPARE_LEVELS = 12
 ROUTING_MOVES = 2000
 # A routing move must lower the busiest GPU's time by this share: float noise is no progress.
 ROUTING_IMPROVEMENT = 1e-9
-
-
-
-def node_demand(weight: np.ndarray, node: np.ndarray) -> np.ndarray:
-    """[nodes, experts] activations from each node's home servers. weight: [servers, experts]; node: [servers]."""
-    out = np.zeros((int(node.max()) + 1, weight.shape[1]))
-    np.add.at(out, node, weight)
-    return out
 
 
 def spare_ladder(capacity: np.ndarray, slots: int, experts: int, min_replicas: int) -> list[np.ndarray]:
@@ -86,7 +78,7 @@ def node_copy_counts(load: np.ndarray, held: np.ndarray, capacity: np.ndarray, g
 def expected_load(weight: np.ndarray, node: np.ndarray, held: np.ndarray, speed: np.ndarray) -> np.ndarray:
     """[nodes, experts]: the activations each node's copies of an expert serve: its own origins' where it holds the
     expert, plus the remote origins' shared among the holding nodes by their GPU speed."""
-    demand = node_demand(weight, node)
+    demand = by_node(weight, node)
     node_speed = np.bincount(node, speed, minlength=held.shape[0])[:, None] * held
     remote = (demand * ~held).sum(axis=0)  # [experts]: activations from nodes without a copy
     return demand * held + remote[None, :] * node_speed / np.maximum(node_speed.sum(axis=0), 1e-300)
@@ -171,7 +163,7 @@ def static_layer(problem: PlacementProblem, layer: int, spare: np.ndarray, deadl
     weight = problem.weight[:, layer]
     gpus = np.bincount(node)
     capacity = gpus * slots
-    held = node_experts(node_demand(weight, node), capacity - spare, problem.min_replicas)
+    held = node_experts(by_node(weight, node), capacity - spare, problem.min_replicas)
     load = expected_load(weight, node, held, speed)
     hosted = place_copies(load, node_copy_counts(load, held, capacity, gpus), node, speed, slots)
     return hosted, balanced_routing(hosted, weight, node, speed, deadline)

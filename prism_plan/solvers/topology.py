@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.placement.layout import balance_metrics, gpu_load, node_round_trip
+from prism_plan.placement.layout import balance_metrics, by_node, gpu_load, node_round_trip
 from prism_plan.placement.metrics import route
 from prism_plan.solvers.balance import fewest_largest_pieces, pack, solve_balance
 from prism_plan.solvers.deadline import UNLIMITED, Deadline
@@ -444,8 +444,7 @@ def prices(problem: PlacementProblem, layer: int, objective: str) -> tuple[float
     gpus = np.bincount(node, minlength=n_nodes)
     intra = np.array([rt[np.ix_(node == n, node == n)][pair[np.ix_(node == n, node == n)]].mean() if gpus[n] > 1
                       else 0.0 for n in range(n_nodes)])
-    node_demand = np.zeros((n_nodes, problem.shape[2]))
-    np.add.at(node_demand, node, problem.weight[:, layer] * problem.per_token)
+    node_demand = by_node(problem.weight[:, layer] * problem.per_token, node)
     return visit, (node_demand * (intra * (1.0 - 1.0 / gpus))[:, None]).T
 
 
@@ -464,10 +463,8 @@ def _visit_model(problem: PlacementProblem, layer: int, sample: tuple[np.ndarray
         raise PrismError("the topology layout needs the token-level `trace` or tables with co-activation counts; "
                          "pass `trace` to build_problem or build the tables with pairs", parameters=("trace",))
     per_token = problem.per_token
-    node_demand = np.zeros((n_nodes, e))
-    np.add.at(node_demand, node, problem.weight[:, layer] * per_token)
-    tokens = np.zeros(n_nodes)
-    np.add.at(tokens, node[problem.homes], tables.tokens.astype(float))
+    node_demand = by_node(problem.weight[:, layer] * per_token, node)
+    tokens = np.bincount(node[problem.homes], tables.tokens.astype(float), minlength=n_nodes)
     return TableVisits(node_demand, tables.coact[layer] * per_token, tokens / max(tokens.sum(), 1.0), price, linear)
 
 
