@@ -4,17 +4,22 @@ the same slots per GPU.
 
 Cases: (a) the real ESFT routing (DeepSeek-V2-Lite, 4 domains, each split into two data-parallel ranks by request
 parity) on 8 GPUs in 2 nodes of 4, 10 slots per GPU; (b) DeepSeek-V3 shape with skewed, origin-dependent
-synthetic routing (prism_plan.traces.synthetic), one data-parallel rank per GPU, on 32 GPUs in 4 nodes with 9
-slots per GPU (as TensorRT-LLM's blog) and on 64 GPUs in 8 nodes with 5 (320 slots: 64 redundant, the fewest
-above 32 that divide evenly over 64 GPUs). H800-like links: NVLink 160 GB/s inside a node, RDMA 50 GB/s between.
-With --dispatch static the serving system sends each origin's tokens to the copy the plan's routing names
-(nearest-copy routing for the baselines, as SGLang's all-to-all dispatch picks a copy on the rank's own GPU, else
-its node). Columns: balancedness and overload, cross-node MB per token (one copy per other node a token
-visits per layer, out and back, on the trace), modelled MoE time per layer (the latency model), solve time, bound
-and gap (of the objective each solver optimised). Then a drifting workload over 16 windows: experts moved per
-rebalance and the share of the from-scratch balance gain kept.
+synthetic routing (prism_plan.traces.synthetic), one data-parallel rank per GPU: on 16 GPUs in 2 nodes of 8 with
+20 slots per GPU (64 redundant: the setting of SGLang's topology-aware EPLB, PR #19772, which reports a 25.2%
+lower cross-node ratio on DeepSeek-R1), on 32 GPUs in 4 nodes with 9 (as TensorRT-LLM's blog) and on 64 GPUs in
+8 nodes with 5 (320 slots: 64 redundant, the fewest above 32 that divide evenly over 64 GPUs). H800-like links:
+NVLink 160 GB/s inside a node, RDMA 50 GB/s between. With --dispatch static the serving system sends each
+origin's tokens to the copy the plan's routing names (nearest-copy routing for the baselines, as SGLang's
+all-to-all dispatch picks a copy on the rank's own GPU, else its node).
+
+Columns: balancedness and overload; cross-node MB per token (one copy per other node a token visits per layer,
+out and back, on the trace, as DeepEP forwards inside a node); remote, the share of activations served on
+another node (SGLang's cross-node ratio, and the bytes where each activation travels alone); modelled MoE time
+per layer (the latency model); solve time, bound and gap (of the objective each solver optimised). Then a
+drifting workload over 16 windows: experts moved per rebalance and the share of the from-scratch balance gain
+kept.
 256 GPUs in 32 nodes with 2 slots each shows the scale limit (a plan and a valid bound within --time-limit).
-Run: python bench/ep_placement.py [--cases esft,v3-32,v3-64,v3-256] [--time-limit S] [--windows N]
+Run: python bench/ep_placement.py [--cases esft,v3-16,v3-32,v3-64,v3-256] [--time-limit S] [--windows N]
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ def row(label: str, problem, hosted: np.ndarray, seconds: float, result=None) ->
     m = serving_metrics(problem, hosted, routing)
     layers = problem.shape[1]
     return {"method": label, "balancedness": m["balancedness"], "overload": m["overload"],
-            "cross_mb": m["cross_node_bytes_per_token"] / 1e6,
+            "cross_mb": m["cross_node_bytes_per_token"] / 1e6, "share": m["cross_node_dispatch_share"],
             "moe_ms": latency_value(problem, hosted, routing) / layers * 1e3, "seconds": seconds,
             "status": "" if result is None else result.status,
             "gap": None if result is None else result.gap, "hosted": hosted}
@@ -133,12 +138,13 @@ def methods(problem, time_limit: float) -> list[dict]:
 
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'method':34s} {'balanced':>9s} {'overload':>9s} {'cross-node':>12s} {'MoE/layer':>10s} "
+    print(f"{'method':34s} {'balanced':>9s} {'overload':>9s} {'cross-node':>12s} {'remote':>7s} {'MoE/layer':>10s} "
           f"{'solve':>8s} {'status':>9s} {'gap':>8s}")
     for r in rows:
         gap = "" if r["gap"] is None else percent(r["gap"], 2)
         print(f"{r['method']:34s} {percent(r['balancedness']):>9s} {r['overload']:9.3f} "
-              f"{r['cross_mb']:8.3f} MB {r['moe_ms'] * 1e3:8.2f}us {r['seconds']:7.2f}s {r['status']:>9s} {gap:>8s}")
+              f"{r['cross_mb']:8.3f} MB {percent(r['share']):>7s} {r['moe_ms'] * 1e3:8.2f}us {r['seconds']:7.2f}s "
+              f"{r['status']:>9s} {gap:>8s}")
 
 
 def print_verdict(rows: list[dict]) -> None:
@@ -149,10 +155,12 @@ def print_verdict(rows: list[dict]) -> None:
     balance, latency = by["prism-plan balance"], by["prism-plan latency"]
     ref = eplb[0]
     less = 1 - latency["cross_mb"] / ref["cross_mb"]
+    fewer = 1 - latency["share"] / ref["share"] if ref["share"] else 0.0
     print(f"  balance overload {balance['overload']:.4f} vs EPLB {min(r['overload'] for r in eplb):.4f}: "
           f"{'at most' if all(balance['overload'] <= r['overload'] for r in eplb) else 'ABOVE'}; latency "
-          f"cross-node {less:+.1%} below EPLB's (bar 25%), overload {latency['overload'] - ref['overload']:+.3f} "
-          f"from EPLB's (bar 0.05)")
+          f"cross-node bytes {less:+.1%} below EPLB's with DeepEP's per-node trips, {fewer:+.1%} with every "
+          f"activation sent alone (bar 25%), overload {latency['overload'] - ref['overload']:+.3f} from EPLB's "
+          f"(bar 0.05)")
 
 
 def drift(case: Case, cluster, model, time_limit: float, move_costs: list[float]) -> dict:
@@ -200,7 +208,7 @@ def print_drift(d: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="esft,v3-32,v3-64,v3-256")
+    ap.add_argument("--cases", default="esft,v3-16,v3-32,v3-64,v3-256")
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per solve")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--dispatch", default="even", help="even, static or both (comma-separated)")
@@ -209,6 +217,7 @@ def main() -> None:
                     help="move costs of the rebalance, comma-separated (see migrate --move-cost)")
     args = ap.parse_args()
     makers = {"esft": lambda: esft_case(args.windows),
+              "v3-16": lambda: v3_case(16, 8, 20, args.windows, args.tokens),
               "v3-32": lambda: v3_case(32, 8, 9, args.windows, args.tokens),
               "v3-64": lambda: v3_case(64, 8, 5, args.windows, args.tokens),
               "v3-256": lambda: v3_case(256, 8, 2, args.windows, args.tokens)}

@@ -65,7 +65,8 @@ def _serving_line(m: dict) -> list[str]:
     counted = "counted per token" if m["cross_node_counted"].startswith("per token") else \
         "counted per activation: pass --trace to count shared trips"
     return [f"serving: overload {percent(m['overload'])}, balancedness {percent(m['balancedness'])} "
-            f"({m['dispatch']} dispatch), cross-node {per_token(m['cross_node_bytes_per_token'])} ({counted})"]
+            f"({m['dispatch']} dispatch), cross-node {per_token(m['cross_node_bytes_per_token'])} ({counted}), "
+            f"{percent(m['cross_node_dispatch_share'])} of activations served on another node"]
 
 
 def describe_migration(new: Plan, moves: MigrationPlan, plan_path, moves_path) -> list[str]:

@@ -172,6 +172,11 @@ def test_layout_metrics_count_tokens_on_the_trace_and_activations_without(esft_t
     # Co-activated experts on one node share a trip, so counting activations can only give more.
     assert 0 < per_token["cross_node_bytes_per_token"] < per_activation["cross_node_bytes_per_token"]
     assert per_token["overload"] == per_activation["overload"] < 0.1  # EPLB balances the even split
+    # Without shared trips, the bytes are the activations served elsewhere, each a hidden state out and back.
+    activations_per_token = esft_tables.freq.sum() / esft_tables.tokens.sum()
+    share = per_activation["cross_node_bytes_per_token"] / (2 * tables_only.costs.token_bytes * activations_per_token)
+    assert per_token["cross_node_dispatch_share"] == pytest.approx(share)
+    assert 0.2 < share < 0.6  # two nodes: about half the activations go to the other one
 
 
 def test_a_layout_plan_exports_without_padding_and_other_layouts_refuse_it(esft_tables, tmp_path):

@@ -18,9 +18,9 @@ from prism_plan.solvers.balance import solve_balance
 from prism_plan.solvers.baselines import (CoactivationSolver, capped_copies, coactivation_nodes,
                                           coactivation_placement, eplb_placement)
 from prism_plan.solvers.deadline import Deadline
-from prism_plan.solvers.objectives import latency_value, serving_metrics
+from prism_plan.solvers.objectives import latency_value, layer_latency, serving_metrics
 from prism_plan.solvers.problem import placement_fits
-from prism_plan.solvers.static_dispatch import spare_ladder
+from prism_plan.solvers.static_dispatch import spare_ladder, static_balance_routing
 from prism_plan.solvers.topology import (TableVisits, TokenVisits, layer_overload, plan_topology, swap_gain,
                                          topology_latency_bound, topology_network_bound, topology_placement,
                                          topology_solution)
@@ -342,3 +342,16 @@ def test_coactivation_layout_is_valid_and_whole_experts(esft8):
     assert CoactivationSolver().solve(problem, "latency").status == "heuristic"
     with pytest.raises(PrismError, match="co-activation counts"):
         coactivation_placement(replace(problem, tables=replace(problem.tables, coact=None)))
+
+
+@pytest.mark.parametrize("dispatch", ["even", "static"])
+def test_latency_layout_is_never_slower_than_the_balance_layout_in_any_layer(esft8, dispatch):
+    problem = esft_problem(esft8, dispatch)
+    reference = solve_balance_reference(problem)
+    plan = plan_topology(problem, reference=reference)
+    ref_routing = None if dispatch == "even" else static_balance_routing(problem, reference)
+    ours = sum(layer_latency(problem, plan.hosted, plan.routing))
+    theirs = sum(layer_latency(problem, reference, ref_routing))
+    assert (ours <= theirs + 1e-15).all()
+    assert (plan.hosted[:, plan.reference] == reference[:, plan.reference]).all()
+    assert not plan.reference.all()  # the node layout wins somewhere on ESFT

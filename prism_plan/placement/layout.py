@@ -64,9 +64,15 @@ def balance_metrics(load: np.ndarray, speed: np.ndarray | None = None) -> dict:
 
 def node_visits(experts: np.ndarray, home: np.ndarray, hosted: np.ndarray, node: np.ndarray,
                 routing: np.ndarray | None = None, cost: np.ndarray | None = None) -> float:
-    """Expected token copies sent to other nodes per token, summed over layers: a token goes once to every node
-    other than its home's that serves one of its experts in a layer (co-activated experts on one node share the
-    trip, as DeepEP's dispatch forwards within a node).
+    """Expected token copies sent to other nodes per token, summed over layers (`layer_node_visits`)."""
+    return float(layer_node_visits(experts, home, hosted, node, routing, cost).sum())
+
+
+def layer_node_visits(experts: np.ndarray, home: np.ndarray, hosted: np.ndarray, node: np.ndarray,
+                      routing: np.ndarray | None = None, cost: np.ndarray | None = None) -> np.ndarray:
+    """[layers]: expected token copies sent to other nodes per token in each layer: a token goes once to every
+    node other than its home's that serves one of its experts in a layer (co-activated experts on one node share
+    the trip, as DeepEP's dispatch forwards within a node).
 
     experts: [tokens, layers, top_k] expert ids; home: [tokens] home server; hosted: [servers, layers, experts];
     node: [servers] node index; routing: [servers, layers, experts] serving server per home server (static
@@ -75,24 +81,24 @@ def node_visits(experts: np.ndarray, home: np.ndarray, hosted: np.ndarray, node:
     count)."""
     tokens, layers, k = experts.shape
     if not tokens:
-        return 0.0
+        return np.zeros(layers)
     n_nodes = int(node.max()) + 1
     cost = np.ones((hosted.shape[0], n_nodes)) if cost is None else cost
     lay = np.arange(layers)[None, :, None]
-    if routing is not None:
-        served = node[routing[home[:, None, None], lay, experts]]  # [tokens, layers, top_k]
-        visit = np.zeros((tokens, layers, n_nodes), bool)
-        visit[np.arange(tokens)[:, None, None], lay, served] = True
-        visit[np.arange(tokens), :, node[home]] = False
-        return float((visit * cost[home][:, None, :]).sum()) / tokens
     share = by_node(hosted, node) / np.maximum(hosted.sum(axis=0), 1)[None]  # [nodes, layers, experts]
     chunk = max(1, _CHUNK_CELLS // max(1, layers * k * n_nodes))
-    total = 0.0
+    total = np.zeros(layers)
     for start in range(0, tokens, chunk):
         ex, hm = experts[start:start + chunk], home[start:start + chunk]
-        visit = 1.0 - np.prod(1.0 - share[:, lay[0], ex], axis=3)  # [nodes, chunk, layers]
-        visit[node[hm], np.arange(len(hm))] = 0.0
-        total += float((visit * cost[hm].T[:, :, None]).sum())
+        rows = np.arange(len(hm))
+        if routing is not None:
+            served = node[routing[hm[:, None, None], lay, ex]]  # [chunk, layers, top_k]
+            visit = np.zeros((n_nodes, len(hm), layers))
+            visit[served, rows[:, None, None], lay] = 1.0
+        else:
+            visit = 1.0 - np.prod(1.0 - share[:, lay[0], ex], axis=3)  # [nodes, chunk, layers]
+        visit[node[hm], rows] = 0.0
+        total += (visit * cost[hm].T[:, :, None]).sum(axis=(0, 1))
     return total / tokens
 
 

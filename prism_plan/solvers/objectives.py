@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 
 from prism_plan.errors import PrismError
-from prism_plan.placement.layout import (activation_node_visits, balance_metrics, gpu_load, node_round_trip,
-                                        node_visits)
+from prism_plan.placement.layout import (activation_node_visits, balance_metrics, gpu_load, layer_node_visits,
+                                         node_round_trip, node_visits)
 from prism_plan.placement.metrics import route
 from prism_plan.placement.migration import needed_copy_bytes
 from prism_plan.placement.simulator import layer_objective, layer_serve, layer_traffic, replay_layer
@@ -123,37 +123,48 @@ def layer_makespan(problem: PlacementProblem, routing: np.ndarray | None, hosted
 
 
 def activation_network(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None,
-                       round_trip: np.ndarray) -> float:
-    """Seconds per token when every remote activation pays `round_trip` ([servers, servers]) from its home to
-    its serving server (routing: [servers, layers, experts] serving server per home; None for even shares)."""
+                       round_trip: np.ndarray) -> np.ndarray:
+    """seconds: [layers] per token when every remote activation pays `round_trip` ([servers, servers]) from its
+    home to its serving server (routing: [servers, layers, experts] serving server per home; None for even
+    shares)."""
     if routing is None:
         share = hosted / np.maximum(hosted.sum(axis=0), 1)[None]  # [servers, layers, experts]
-        return float((np.einsum("hle,sle->hs", problem.weight, share) * round_trip).sum()) * problem.per_token
+        reach = np.einsum("hs,sle->hle", round_trip, share)  # each home's expected round trip to an expert
+        return (problem.weight * reach).sum(axis=(0, 2)) * problem.per_token
     home = np.arange(problem.shape[0])[:, None, None]
-    return float((problem.weight * round_trip[home, routing]).sum()) * problem.per_token
+    return (problem.weight * round_trip[home, routing]).sum(axis=(0, 2)) * problem.per_token
 
 
-def latency_terms(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None):
-    """(network seconds, compute makespan seconds), each per token, of the latency model.
+def layer_latency(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(network, compute makespan), seconds per token, each [layers], of the latency model.
 
     Network: every remote activation pays the round trip of one hidden state to its serving server; in a slot
-    layout with the token-level trace, a token pays one round trip per other node it visits in a layer
-    (co-activated experts there share it) and one per activation served elsewhere in its own node.
-    Makespan: per layer, the busiest server's compute time over the whole profile, spread over its tokens.
+    layout with the token-level trace, a token pays one round trip per other node it visits in a layer and one
+    per other GPU of its own node it visits (co-activated experts there share it, as DeepEP sends a token once
+    to each node and once to each GPU inside its node). Makespan: per layer, the busiest server's compute time over the whole profile, spread over its tokens.
     routing: [servers, layers, experts] serving server for each home server (default: nearest replica, or under
-    even dispatch every copy an equal share).
+    even dispatch every copy an equal share). Layers share nothing: a layout may take each layer from another
+    plan, with that plan's routing there.
     """
     routing = default_routing(problem, hosted, routing)
-    makespan = float(layer_makespan(problem, routing, hosted).sum()) * problem.per_token
+    makespan = layer_makespan(problem, routing, hosted) * problem.per_token
     w = problem.workload
     if problem.layout is None or w is None:
         return activation_network(problem, hosted, routing, problem.round_trip), makespan
-    node = problem.nodes
+    node, home = problem.nodes, w.home[w.origin]
     same = node[:, None] == node[None, :]
-    inside = activation_network(problem, hosted, routing, np.where(same, problem.round_trip, 0.0))
-    across = node_visits(w.experts, w.home[w.origin], hosted, node, routing,
-                         cost=node_round_trip(problem.round_trip, node))
+    # Each server as its own node, visits priced only inside the home node: the GPUs a token goes to there.
+    inside = layer_node_visits(w.experts, home, hosted, np.arange(len(node)), routing,
+                               cost=np.where(same, problem.round_trip, 0.0))
+    across = layer_node_visits(w.experts, home, hosted, node, routing, cost=node_round_trip(problem.round_trip, node))
     return inside + across, makespan
+
+
+def latency_terms(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None):
+    """(network seconds, compute makespan seconds), each per token and summed over layers (`layer_latency`)."""
+    network, makespan = layer_latency(problem, hosted, routing)
+    return float(network.sum()), float(makespan.sum())
 
 
 def latency_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> float:
@@ -172,10 +183,12 @@ def balance_value(problem: PlacementProblem, hosted: np.ndarray, routing: np.nda
 
 def serving_metrics(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None) -> dict:
     """What a serving layout is judged by (DESIGN.md, "Objectives and metrics"): `balancedness`, `overload`,
-    and `cross_node_bytes_per_token` (hidden states out and back, once per other node a token visits in a layer;
+    `cross_node_bytes_per_token` (hidden states out and back, once per other node a token visits in a layer;
     counted token by token on the problem's trace, else per activation from the tables, an upper bound, as
-    `cross_node_counted` says). routing: [servers, layers, experts] serving server per home server (default
-    nearest replica); ignored under even dispatch."""
+    `cross_node_counted` says) and `cross_node_dispatch_share` (the share of activations served on another node
+    than their home's, the cross-node ratio SGLang's EPLB work reports; what the bytes are where every
+    activation travels alone, as in dispatch without DeepEP's per-node forwarding). routing: [servers, layers,
+    experts] serving server per home server (default nearest replica); ignored under even dispatch."""
     routing = None if even_dispatch(problem) else default_routing(problem, hosted, routing)
     metrics = balance_metrics(gpu_load(hosted, problem.weight, routing), problem.speed)
     token_bytes = problem.costs.token_bytes if problem.costs is not None else 0
@@ -186,8 +199,10 @@ def serving_metrics(problem: PlacementProblem, hosted: np.ndarray, routing: np.n
     else:
         visits = activation_node_visits(problem.weight, problem.tokens, hosted, problem.nodes, routing)
         counted = "per activation (tables; co-activated experts sharing a trip not seen: an upper bound)"
+    activations = float(problem.weight.sum())
+    share = activation_node_visits(problem.weight, activations, hosted, problem.nodes, routing) if activations else 0.0
     metrics.update(cross_node_bytes_per_token=2.0 * token_bytes * visits, cross_node_counted=counted,
-                   dispatch="even" if even_dispatch(problem) else "static")
+                   cross_node_dispatch_share=share, dispatch="even" if even_dispatch(problem) else "static")
     return metrics
 
 

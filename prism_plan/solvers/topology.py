@@ -33,9 +33,9 @@ from prism_plan.placement.metrics import route
 from prism_plan.solvers.balance import fewest_largest_pieces, pack, solve_balance
 from prism_plan.solvers.deadline import UNLIMITED, Deadline
 from prism_plan.solvers.eplb import node_major_position
-from prism_plan.solvers.objectives import even_dispatch
+from prism_plan.solvers.objectives import even_dispatch, layer_latency
 from prism_plan.solvers.problem import PlacementProblem
-from prism_plan.solvers.static_dispatch import static_plan
+from prism_plan.solvers.static_dispatch import static_balance_routing, static_plan
 
 # Tokens of the trace the node search judges moves on; the plan is scored on the whole trace afterwards.
 SAMPLE_TOKENS = 8000
@@ -561,10 +561,38 @@ def plan_topology(problem: PlacementProblem, deadline: Deadline = UNLIMITED, *, 
     plan = TopologyPlan(np.asarray(reference, bool).copy(), np.ones(layers, bool), np.full(layers, np.nan))
     if not even_dispatch(problem):
         plan.routing = route(plan.hosted, np.arange(s), problem.hop_seconds)
+        # The balance-only layout is served with balanced routing, as `exact`'s balance plan is.
+        start = TopologyPlan(plan.hosted.copy(), plan.reference.copy(), plan.cap_share.copy(),
+                             routing=static_balance_routing(problem, plan.hosted, deadline.split(0.05)))
         static_plan(problem, plan, overload_slack, deadline)
+    elif whole_experts_fit(problem):
+        start = TopologyPlan(plan.hosted.copy(), plan.reference.copy(), plan.cap_share.copy())
+        even_plan(problem, plan, objective, overload_slack, sample_tokens, seed, deadline)
+    else:
         return plan
-    if not whole_experts_fit(problem):
-        return plan
+    if objective == "latency" and not deadline.expired():
+        keep_faster_layers(problem, plan, start)
+    return plan
+
+
+def keep_faster_layers(problem: PlacementProblem, plan: TopologyPlan, reference: TopologyPlan) -> None:
+    """Put back into `plan` each layer of `reference` (the balance-only layout with its routing) that is faster
+    in the full latency model (`layer_latency`: the node search prices node visits and home-node activations,
+    not the trips between GPUs of one node that static routing makes)."""
+    mine = sum(layer_latency(problem, plan.hosted, plan.routing))
+    theirs = sum(layer_latency(problem, reference.hosted, reference.routing))
+    back = theirs < mine
+    plan.hosted[:, back] = reference.hosted[:, back]
+    if plan.routing is not None:
+        plan.routing[:, back] = reference.routing[:, back]
+    plan.reference[back], plan.cap_share[back] = True, np.nan
+
+
+def even_plan(problem: PlacementProblem, plan: TopologyPlan, objective: str, overload_slack: float,
+              sample_tokens: int, seed: int, deadline: Deadline) -> None:
+    """Fill `plan` (starting as the reference) layer by layer with the even-dispatch node layout of the loosest
+    node load cap (`CAP_SHARES`) whose overload is at most the reference layer's plus `overload_slack`."""
+    layers = problem.shape[1]
     sample = token_sample(problem, sample_tokens, seed)
     for layer in range(layers):
         if deadline.expired():
@@ -579,7 +607,6 @@ def plan_topology(problem: PlacementProblem, deadline: Deadline = UNLIMITED, *, 
                 break
             if step.expired():
                 break
-    return plan
 
 
 def topology_solution(problem: PlacementProblem, deadline: Deadline = UNLIMITED
@@ -613,17 +640,18 @@ def topology_network_bound(problem: PlacementProblem) -> float:
     served there only in part); per node n: J_n, those no layout serves inside n, at least the node's beyond
     its slots (GPUs x slots_per_layer distinct experts at most; an even share is a fraction of one expert, so
     the fractional knapsack of unit items, the top slots, bounds it). An activation served elsewhere in its
-    node costs at least the cheapest round trip there (intra_h); one served on another node is part of a node
-    visit that carries at most top_k of the token's activations, so costs at least cross_h / top_k. Hence a
-    token's network time is at least min(intra, cross/k) x J + max(0, cross/k - intra) x J_out, both
-    coefficients >= 0, and the lower bounds on J and J_out may be put in. Loose (weak): it ignores the replica
+    node is part of a visit to a GPU there that carries at most top_k of the token's activations, so costs at
+    least intra_h / top_k (intra_h the cheapest round trip inside the node); one served on another node, part
+    of a node visit, at least cross_h / top_k. Hence a token's network time is at least
+    min(intra, cross) / k x J + max(0, cross - intra) / k x J_out, both coefficients >= 0, and the lower bounds
+    on J and J_out may be put in. Loose (weak): it ignores the replica
     rule, the balance and co-activation."""
     s, layers, e = problem.shape
     node = problem.nodes
     k = _top_k(problem)
     same = node[:, None] == node[None, :]
     rt = problem.round_trip
-    intra = np.where(same & ~np.eye(s, dtype=bool), rt, np.inf).min(axis=1)  # [servers]
+    intra = np.where(same & ~np.eye(s, dtype=bool), rt, np.inf).min(axis=1) / k  # [servers]
     n_nodes = int(node.max()) + 1
     cross = np.full(s, np.inf)
     if n_nodes > 1:
