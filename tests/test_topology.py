@@ -13,7 +13,7 @@ from prism_plan.errors import PrismError
 from prism_plan.placement.cluster import parse_cluster
 from prism_plan.placement.layout import balance_metrics, gpu_load, node_visits
 from prism_plan.placement.model import ModelSpec
-from prism_plan.solvers import build_problem
+from prism_plan.solvers import build_problem, get_solver
 from prism_plan.solvers.balance import solve_balance
 from prism_plan.solvers.baselines import (CoactivationSolver, capped_copies, coactivation_nodes,
                                           coactivation_placement, eplb_placement)
@@ -355,3 +355,14 @@ def test_latency_layout_is_never_slower_than_the_balance_layout_in_any_layer(esf
     assert (ours <= theirs + 1e-15).all()
     assert (plan.hosted[:, plan.reference] == reference[:, plan.reference]).all()
     assert not plan.reference.all()  # the node layout wins somewhere on ESFT
+
+
+@pytest.mark.parametrize("dispatch", ["even", "static"])
+def test_exact_latency_layout_is_never_slower_than_eplb_or_the_balance_layout(esft8, dispatch):
+    problem = esft_problem(esft8, dispatch)
+    latency = get_solver("exact", time_limit=30).solve(problem, "latency")
+    assert placement_fits(problem, latency.hosted)
+    mine = latency_value(problem, latency.hosted, latency.routing)
+    for name in ("eplb", "exact"):
+        other = get_solver(name, time_limit=30).solve(problem, "balance")
+        assert mine <= latency_value(problem, other.hosted, other.routing) * (1 + 1e-12)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from prism_plan.errors import PrismError, TimeLimitError
+from prism_plan.placement.layout import layout_violation
 from prism_plan.solvers.backends import BACKENDS
+from prism_plan.solvers.baselines import eplb_placement
 from prism_plan.solvers.balance import solve_layout_balance
 from prism_plan.solvers.base import Solver
-from prism_plan.solvers.coverage import solve_coverage
+from prism_plan.solvers.coverage import nearest_layout, solve_coverage
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.greedy import greedy_placement
 from prism_plan.solvers.latency import solve_latency
@@ -60,7 +62,12 @@ class ExactSolver(Solver):
             # The bound first, within a share of the time; the placement search leaves a share for scoring the
             # plan on the whole trace (seconds at 256 GPUs).
             bound = topology_latency_bound(problem, deadline.split(0.2))
-            hosted, routing = topology_solution(problem, deadline.split(0.85))
+            # EPLB's layout (fitted to the slots where it doubles a copy on a GPU), routed as the serving system
+            # routes it, competes layer by layer: the plan is never slower than EPLB's.
+            eplb = eplb_placement(problem)[0]
+            if layout_violation(eplb, problem.layout.slots_per_layer) is not None:
+                eplb = nearest_layout(problem, eplb)
+            hosted, routing = topology_solution(problem, deadline.split(0.85), others=[(eplb, None)])
             return Solution(hosted, "feasible", bound, routing, weak_bound=True)
         if objective.name == "latency":
             return solve_latency(problem, greedy_start(problem, deadline), deadline=deadline, backend=self.backend,

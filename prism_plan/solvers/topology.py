@@ -24,6 +24,7 @@ is made differently: `prism_plan.solvers.static_dispatch`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from prism_plan.placement.metrics import route
 from prism_plan.solvers.balance import fewest_largest_pieces, pack, solve_balance
 from prism_plan.solvers.deadline import UNLIMITED, Deadline
 from prism_plan.solvers.eplb import node_major_position
-from prism_plan.solvers.objectives import even_dispatch, layer_latency
+from prism_plan.solvers.objectives import default_routing, even_dispatch, layer_latency
 from prism_plan.solvers.problem import PlacementProblem
 from prism_plan.solvers.static_dispatch import static_balance_routing, static_plan
 
@@ -538,7 +539,8 @@ def whole_experts_fit(problem: PlacementProblem) -> bool:
 
 def plan_topology(problem: PlacementProblem, deadline: Deadline = UNLIMITED, *, reference: np.ndarray | None = None,
                   objective: str = "latency", overload_slack: float = OVERLOAD_SLACK,
-                  sample_tokens: int = SAMPLE_TOKENS, seed: int = 0) -> TopologyPlan:
+                  sample_tokens: int = SAMPLE_TOKENS, seed: int = 0,
+                  others: Sequence[tuple[np.ndarray, np.ndarray | None]] = ()) -> TopologyPlan:
     """The topology layout of a layout problem (module docstring) with its evidence.
 
     reference: [servers, layers, experts] bool, the balance-only layout each layer's overload is held close to
@@ -546,7 +548,9 @@ def plan_topology(problem: PlacementProblem, deadline: Deadline = UNLIMITED, *, 
     "cross_node" (node visits alone; see `prices`); overload_slack: how much each layer's overload ((max - mean) /
     mean GPU time) may exceed the reference's; sample_tokens: tokens of the trace the node search uses; seed:
     which (objective, sample_tokens and seed steer the even-dispatch search; the static plan maximises the
-    activations served in their home node). Stops by `deadline` (the layers not reached keep the reference)."""
+    activations served in their home node). others: more (hosted, routing) layouts whose layers the latency
+    objective takes where they are faster (`keep_faster_layers`; routing None: the serving system's). Stops by
+    `deadline` (the layers not reached keep the reference)."""
     check_topology_problem(problem)
     if objective not in OBJECTIVES:
         raise PrismError(f"`objective` must be one of {', '.join(OBJECTIVES)}, got {objective!r}",
@@ -571,21 +575,26 @@ def plan_topology(problem: PlacementProblem, deadline: Deadline = UNLIMITED, *, 
     else:
         return plan
     if objective == "latency" and not deadline.expired():
-        keep_faster_layers(problem, plan, start)
+        keep_faster_layers(problem, plan, [(start.hosted, start.routing), *others])
     return plan
 
 
-def keep_faster_layers(problem: PlacementProblem, plan: TopologyPlan, reference: TopologyPlan) -> None:
-    """Put back into `plan` each layer of `reference` (the balance-only layout with its routing) that is faster
-    in the full latency model (`layer_latency`: the node search prices node visits and home-node activations,
-    not the trips between GPUs of one node that static routing makes)."""
-    mine = sum(layer_latency(problem, plan.hosted, plan.routing))
-    theirs = sum(layer_latency(problem, reference.hosted, reference.routing))
-    back = theirs < mine
-    plan.hosted[:, back] = reference.hosted[:, back]
-    if plan.routing is not None:
-        plan.routing[:, back] = reference.routing[:, back]
-    plan.reference[back], plan.cap_share[back] = True, np.nan
+def keep_faster_layers(problem: PlacementProblem, plan: TopologyPlan,
+                       others: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> None:
+    """Put into `plan` each layer of another layout that the full latency model (`layer_latency`) finds faster:
+    the node search prices node visits and home-node activations, not every trip between GPUs of one node.
+    others: (hosted, routing) pairs, the first the balance-only reference (its layers stay marked as
+    reference); routing None is how the serving system routes the layout (`default_routing`)."""
+    best = sum(layer_latency(problem, plan.hosted, plan.routing))
+    for i, (hosted, routing) in enumerate(others):
+        routing = default_routing(problem, hosted, routing)
+        theirs = sum(layer_latency(problem, hosted, routing))
+        back = theirs < best
+        best = np.minimum(best, theirs)
+        plan.hosted[:, back] = hosted[:, back]
+        if plan.routing is not None:
+            plan.routing[:, back] = routing[:, back]
+        plan.reference[back], plan.cap_share[back] = i == 0, np.nan
 
 
 def even_plan(problem: PlacementProblem, plan: TopologyPlan, objective: str, overload_slack: float,
@@ -609,11 +618,12 @@ def even_plan(problem: PlacementProblem, plan: TopologyPlan, objective: str, ove
                 break
 
 
-def topology_solution(problem: PlacementProblem, deadline: Deadline = UNLIMITED
+def topology_solution(problem: PlacementProblem, deadline: Deadline = UNLIMITED,
+                      others: Sequence[tuple[np.ndarray, np.ndarray | None]] = ()
                       ) -> tuple[np.ndarray, np.ndarray | None]:
     """(hosted [servers, layers, experts] bool, routing [servers, layers, experts] int serving server per home
-    server, None under even dispatch): `plan_topology`'s layout with its defaults."""
-    plan = plan_topology(problem, deadline)
+    server, None under even dispatch): `plan_topology`'s latency layout with its defaults (others: as there)."""
+    plan = plan_topology(problem, deadline, others=others)
     return plan.hosted, plan.routing
 
 
