@@ -563,15 +563,17 @@ def plan_topology(problem: PlacementProblem, deadline: Deadline = UNLIMITED, *, 
         raise PrismError(f"`reference` must be a [servers, layers, experts] = {list(problem.shape)} layout, got "
                          f"shape {list(np.shape(reference))}", parameters=("reference",))
     plan = TopologyPlan(np.asarray(reference, bool).copy(), np.ones(layers, bool), np.full(layers, np.nan))
+    # The search leaves a share for judging whole layers on the whole trace (seconds at 64 GPUs and more).
+    search = deadline.split(0.9) if objective == "latency" and not deadline.expired() else deadline
     if not even_dispatch(problem):
         plan.routing = route(plan.hosted, np.arange(s), problem.hop_seconds)
         # The balance-only layout is served with balanced routing, as `exact`'s balance plan is.
         start = TopologyPlan(plan.hosted.copy(), plan.reference.copy(), plan.cap_share.copy(),
                              routing=static_balance_routing(problem, plan.hosted, deadline.split(0.05)))
-        static_plan(problem, plan, overload_slack, deadline)
+        static_plan(problem, plan, overload_slack, search)
     elif whole_experts_fit(problem):
         start = TopologyPlan(plan.hosted.copy(), plan.reference.copy(), plan.cap_share.copy())
-        even_plan(problem, plan, objective, overload_slack, sample_tokens, seed, deadline)
+        even_plan(problem, plan, objective, overload_slack, sample_tokens, seed, search)
     else:
         return plan
     if objective == "latency" and not deadline.expired():
