@@ -16,9 +16,11 @@ Per MoE layer (layers share nothing), in two levels:
 
 A layer whose busiest GPU ends up further than `overload_slack` above the balance-only plan's (the reference,
 by default `solve_balance` over all GPUs) is planned again with a tighter load cap, and keeps the reference when
-that fails too. Without the token-level trace, node visits are estimated from the tables: activations served
-on another node, less the co-activated pairs (`coact`) that share a trip there. Under static dispatch the layout
-is made differently: `prism_plan.solvers.static_dispatch`.
+that fails too. For the latency objective, each layer then takes whichever of this layout, the reference and any
+other layouts given (`exact` gives EPLB's) is fastest in the full latency model (`keep_faster_layers`).
+Without the token-level trace, node visits are estimated from the tables: activations served on another node,
+less the co-activated pairs (`coact`) that share a trip there. Under static dispatch the layout is made
+differently: `prism_plan.solvers.static_dispatch`.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ class TopologyPlan:
     hosted: [servers, layers, experts] bool, exactly slots_per_layer experts per server and layer;
     reference: [layers] bool, the layers that kept the balance-only plan (no node layout met the overload
     limit); cap_share: [layers] the share of the allowed overload the node load cap took, or under static
-    dispatch the share of the spare-slot ladder (`spare_ladder`) the layer took (nan where the reference was
-    kept); moves: node moves and swaps made, over all layers; routing: [servers, layers, experts] int, the
+    dispatch the share of the spare-slot ladder (`spare_ladder`) the layer took (nan where the reference or
+    another layout given was kept); moves: node moves and swaps made, over all layers; routing: [servers, layers, experts] int, the
     serving server of each home server's activations (static dispatch; None under even dispatch)."""
 
     hosted: np.ndarray
