@@ -68,7 +68,8 @@ def cluster_doc(case: Case, origins: tuple[str, ...], dispatch: str = "even") ->
     nodes = [{"name": f"n{j}", "bandwidth_gbps": NVLINK_GBPS, "latency_ms": 0.005}
              for j in range(case.gpus // case.per_node)]
     return {"name": case.name, "server": servers, "node": nodes,
-            "defaults": {"bandwidth_gbps": RDMA_GBPS, "latency_ms": 0.02}, "layout": {"slots_per_layer": case.slots, "dispatch": dispatch}}
+            "defaults": {"bandwidth_gbps": RDMA_GBPS, "latency_ms": 0.02},
+            "layout": {"slots_per_layer": case.slots, "dispatch": dispatch}}
 
 
 def split_ranks(trace: Trace, ranks: int) -> Trace:

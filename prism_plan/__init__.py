@@ -5,7 +5,7 @@ The pipeline from Python: `load_trace` or `import_trace` -> `tables_from_trace` 
 paths of their files.
 """
 
-__version__ = "0.6.0.dev0"
+__version__ = "0.6.0"
 
 from prism_plan.errors import InfeasibleError, MissingInputError, PrismError
 from prism_plan.fileio import DATA_DIR

@@ -15,9 +15,10 @@ _CHUNK_CELLS = 2_000_000
 
 def by_node(values: np.ndarray, node: np.ndarray) -> np.ndarray:
     """[nodes, ...] `values` ([servers, ...]) summed over each node's servers; node: [servers] node index."""
-    out = np.zeros((int(node.max()) + 1,) + values.shape[1:])
-    np.add.at(out, node, values)
-    return out
+    member = np.zeros((int(node.max()) + 1, len(node)))
+    member[node, np.arange(len(node))] = 1.0
+    # A product with the membership matrix: np.add.at is unbuffered and ten times slower here.
+    return (member @ values.reshape(len(node), -1).astype(float)).reshape((len(member),) + values.shape[1:])
 
 
 def layout_violation(hosted: np.ndarray, slots_per_layer: int) -> tuple[int, int, int] | None:

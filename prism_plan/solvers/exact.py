@@ -22,7 +22,7 @@ from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.greedy import greedy_placement
 from prism_plan.solvers.latency import solve_latency
 from prism_plan.solvers.objectives import Objective, even_dispatch
-from prism_plan.solvers.problem import PlacementProblem, Solution
+from prism_plan.solvers.problem import PlacementProblem, Solution, placement_fits
 from prism_plan.solvers.static_dispatch import static_balance_routing
 from prism_plan.solvers.topology import topology_latency_bound, topology_solution
 
@@ -67,7 +67,8 @@ class ExactSolver(Solver):
             eplb = eplb_placement(problem)[0]
             if layout_violation(eplb, problem.layout.slots_per_layer) is not None:
                 eplb = nearest_layout(problem, eplb)
-            hosted, routing = topology_solution(problem, deadline.split(0.85), others=[(eplb, None)])
+            others = [(eplb, None)] if placement_fits(problem, eplb) else []
+            hosted, routing = topology_solution(problem, deadline.split(0.85), others=others)
             return Solution(hosted, "feasible", bound, routing, weak_bound=True)
         if objective.name == "latency":
             return solve_latency(problem, greedy_start(problem, deadline), deadline=deadline, backend=self.backend,

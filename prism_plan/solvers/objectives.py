@@ -142,7 +142,8 @@ def layer_latency(problem: PlacementProblem, hosted: np.ndarray, routing: np.nda
     Network: every remote activation pays the round trip of one hidden state to its serving server; in a slot
     layout with the token-level trace, a token pays one round trip per other node it visits in a layer and one
     per other GPU of its own node it visits (co-activated experts there share it, as DeepEP sends a token once
-    to each node and once to each GPU inside its node). Makespan: per layer, the busiest server's compute time over the whole profile, spread over its tokens.
+    to each node and once to each GPU inside its node). Makespan: per layer, the busiest server's compute time
+    over the whole profile, spread over its tokens.
     routing: [servers, layers, experts] serving server for each home server (default: nearest replica, or under
     even dispatch every copy an equal share). Layers share nothing: a layout may take each layer from another
     plan, with that plan's routing there.
@@ -153,12 +154,29 @@ def layer_latency(problem: PlacementProblem, hosted: np.ndarray, routing: np.nda
     if problem.layout is None or w is None:
         return activation_network(problem, hosted, routing, problem.round_trip), makespan
     node, home = problem.nodes, w.home[w.origin]
-    same = node[:, None] == node[None, :]
-    # Each server as its own node, visits priced only inside the home node: the GPUs a token goes to there.
-    inside = layer_node_visits(w.experts, home, hosted, np.arange(len(node)), routing,
-                               cost=np.where(same, problem.round_trip, 0.0))
     across = layer_node_visits(w.experts, home, hosted, node, routing, cost=node_round_trip(problem.round_trip, node))
-    return inside + across, makespan
+    return home_node_visits(problem, hosted, routing) + across, makespan
+
+
+def home_node_visits(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None) -> np.ndarray:
+    """seconds: [layers] per token of the trips to other GPUs of a token's home node: one round trip per GPU
+    there that serves one of its experts in a layer. Node by node, each GPU of the node its own visit target
+    and the rest of the cluster one target that costs nothing, so the work grows with the node, not the
+    cluster."""
+    w = problem.workload
+    node, home = problem.nodes, w.home[w.origin]
+    total = np.zeros(problem.shape[1])
+    for n in range(int(node.max()) + 1):
+        members = np.flatnonzero(node == n)
+        mine = np.flatnonzero(node[home] == n)
+        if len(members) < 2 or not len(mine):
+            continue
+        target = np.full(len(node), len(members))  # servers of other nodes: the free target
+        target[members] = np.arange(len(members))
+        cost = np.zeros((len(node), len(members) + 1))
+        cost[np.ix_(members, np.arange(len(members)))] = problem.round_trip[np.ix_(members, members)]
+        total += layer_node_visits(w.experts[mine], home[mine], hosted, target, routing, cost) * len(mine)
+    return total / max(len(home), 1)
 
 
 def latency_terms(problem: PlacementProblem, hosted: np.ndarray, routing: np.ndarray | None = None):

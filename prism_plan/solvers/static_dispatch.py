@@ -182,9 +182,10 @@ def remote_activations(problem: PlacementProblem, routing: np.ndarray, layer: in
 
 
 def static_plan(problem: PlacementProblem, plan, overload_slack: float, deadline: Deadline) -> None:
-    """Fill `plan` (a topology.TopologyPlan: hosted and routing, starting as the reference with nearest routing) layer by layer with the
-    static-dispatch layout of the fewest spare slots (`spare_ladder`) whose overload is at most the reference
-    layer's plus `overload_slack`; a layer none meets, or the deadline leaves unplanned, keeps the reference."""
+    """Fill `plan` (a topology.TopologyPlan: hosted and routing, starting as the reference with nearest routing)
+    layer by layer with the static-dispatch layout of the fewest spare slots (`spare_ladder`) whose overload is
+    at most the reference layer's plus `overload_slack`; a layer none meets, or the deadline leaves unplanned,
+    keeps the reference."""
     s, layers, e = problem.shape
     node = problem.nodes
     ladder = spare_ladder(np.bincount(node) * problem.layout.slots_per_layer, problem.layout.slots_per_layer, e,

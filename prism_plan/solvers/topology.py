@@ -17,7 +17,8 @@ Per MoE layer (layers share nothing), in two levels:
 A layer whose busiest GPU ends up further than `overload_slack` above the balance-only plan's (the reference,
 by default `solve_balance` over all GPUs) is planned again with a tighter load cap, and keeps the reference when
 that fails too. For the latency objective, each layer then takes whichever of this layout, the reference and any
-other layouts given (`exact` gives EPLB's) is fastest in the full latency model (`keep_faster_layers`).
+other layouts given (`exact` gives EPLB's) is fastest in the full latency model (`keep_faster_layers`), whatever
+its overload: the model weighs the busiest GPU against the trips itself.
 Without the token-level trace, node visits are estimated from the tables: activations served on another node,
 less the co-activated pairs (`coact`) that share a trip there. Under static dispatch the layout is made
 differently: `prism_plan.solvers.static_dispatch`.
@@ -64,10 +65,11 @@ class TopologyPlan:
 
     hosted: [servers, layers, experts] bool, exactly slots_per_layer experts per server and layer;
     reference: [layers] bool, the layers that kept the balance-only plan (no node layout met the overload
-    limit); cap_share: [layers] the share of the allowed overload the node load cap took, or under static
-    dispatch the share of the spare-slot ladder (`spare_ladder`) the layer took (nan where the reference or
-    another layout given was kept); moves: node moves and swaps made, over all layers; routing: [servers, layers, experts] int, the
-    serving server of each home server's activations (static dispatch; None under even dispatch)."""
+    limit, or it was faster); cap_share: [layers] the share of the allowed overload the node load cap took, or
+    under static dispatch the share of the spare-slot ladder (`spare_ladder`) the layer took (nan where the
+    reference or another layout given was kept); moves: node moves and swaps made, over all layers; routing:
+    [servers, layers, experts] int, the serving server of each home server's activations (static dispatch; None
+    under even dispatch)."""
 
     hosted: np.ndarray
     reference: np.ndarray
@@ -435,7 +437,8 @@ def prices(problem: PlacementProblem, layer: int, objective: str) -> tuple[float
     objective "cross_node": a visit costs 1 and nothing else counts. "latency": a visit costs the mean round
     trip from a server to another node, and an expert on node n costs each of its activations from n's origins
     the mean round trip inside n times (1 - 1 / GPUs of n), its chance to be served off the home GPU when its
-    copies fall anywhere in the node (latency_terms' intra-node term)."""
+    copies fall anywhere in the node (an activation alone; the latency model charges one trip per GPU a token
+    visits there, which `keep_faster_layers` judges)."""
     if objective == "cross_node":
         return 1.0, None
     node, rt = problem.nodes, problem.round_trip
@@ -570,27 +573,32 @@ def plan_topology(problem: PlacementProblem, deadline: Deadline = UNLIMITED, *, 
     if not even_dispatch(problem):
         plan.routing = route(plan.hosted, np.arange(s), problem.hop_seconds)
         # The balance-only layout is served with balanced routing, as `exact`'s balance plan is.
-        start = TopologyPlan(plan.hosted.copy(), plan.reference.copy(), plan.cap_share.copy(),
-                             routing=static_balance_routing(problem, plan.hosted, deadline.split(0.05)))
+        start = (plan.hosted.copy(), static_balance_routing(problem, plan.hosted, deadline.split(0.05))
+                 if objective == "latency" else None)
         static_plan(problem, plan, overload_slack, search)
-    elif whole_experts_fit(problem):
-        start = TopologyPlan(plan.hosted.copy(), plan.reference.copy(), plan.cap_share.copy())
-        even_plan(problem, plan, objective, overload_slack, sample_tokens, seed, search)
     else:
-        return plan
-    if objective == "latency" and not deadline.expired():
-        keep_faster_layers(problem, plan, [(start.hosted, start.routing), *others])
+        start = (plan.hosted.copy(), None)
+        if whole_experts_fit(problem):
+            even_plan(problem, plan, objective, overload_slack, sample_tokens, seed, search)
+    if objective == "latency":
+        keep_faster_layers(problem, plan, [start, *others], deadline)
     return plan
 
 
 def keep_faster_layers(problem: PlacementProblem, plan: TopologyPlan,
-                       others: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> None:
-    """Put into `plan` each layer of another layout that the full latency model (`layer_latency`) finds faster:
-    the node search prices node visits and home-node activations, not every trip between GPUs of one node.
-    others: (hosted, routing) pairs, the first the balance-only reference (its layers stay marked as
-    reference); routing None is how the serving system routes the layout (`default_routing`)."""
+                       others: Sequence[tuple[np.ndarray, np.ndarray | None]], deadline: Deadline = UNLIMITED
+                       ) -> None:
+    """Put into `plan` each layer of another layout that the full latency model (`layer_latency`) finds faster,
+    whatever its overload (the model weighs compute against trips itself): the node search prices node visits
+    and home-node activations, not every trip between GPUs of one node. others: (hosted, routing) pairs, the
+    first the balance-only reference (its layers stay marked as reference); routing None is how the serving
+    system routes the layout (`default_routing`). The layouts not judged by `deadline` are left out."""
+    if deadline.expired():
+        return
     best = sum(layer_latency(problem, plan.hosted, plan.routing))
     for i, (hosted, routing) in enumerate(others):
+        if deadline.expired():
+            return
         routing = default_routing(problem, hosted, routing)
         theirs = sum(layer_latency(problem, hosted, routing))
         back = theirs < best
