@@ -210,15 +210,16 @@ def serving_metrics(problem: PlacementProblem, hosted: np.ndarray, routing: np.n
     routing = None if even_dispatch(problem) else default_routing(problem, hosted, routing)
     metrics = balance_metrics(gpu_load(hosted, problem.weight, routing), problem.speed)
     token_bytes = problem.costs.token_bytes if problem.costs is not None else 0
+    away = activation_node_visits(problem.weight, 1.0, hosted, problem.nodes, routing)  # activations off node
+    activations = float(problem.weight.sum())
+    share = away / activations if activations else 0.0
     w = problem.workload
     if w is not None:
         visits = node_visits(w.experts, w.home[w.origin], hosted, problem.nodes, routing)
         counted = "per token (trace)"
     else:
-        visits = activation_node_visits(problem.weight, problem.tokens, hosted, problem.nodes, routing)
+        visits = away / problem.tokens if problem.tokens else 0.0
         counted = "per activation (tables; co-activated experts sharing a trip not seen: an upper bound)"
-    activations = float(problem.weight.sum())
-    share = activation_node_visits(problem.weight, activations, hosted, problem.nodes, routing) if activations else 0.0
     metrics.update(cross_node_bytes_per_token=2.0 * token_bytes * visits, cross_node_counted=counted,
                    cross_node_dispatch_share=share, dispatch="even" if even_dispatch(problem) else "static")
     return metrics
