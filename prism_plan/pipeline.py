@@ -21,6 +21,7 @@ from prism_plan.solvers import IncrementalSolver, build_problem, get_solver
 from prism_plan.solvers.objectives import get_objective, nearest_routing, relative_gap, serving_metrics
 from prism_plan.solvers.base import SolveResult, check_time_limit
 from prism_plan.solvers.exact import check_backend
+from prism_plan.solvers.offload import offload_metrics
 from prism_plan.solvers.incremental import traffic_move_cost
 from prism_plan.solvers.problem import PlacementProblem, placement_fits
 from prism_plan.traces.tables import ActivationTables
@@ -43,13 +44,16 @@ def make_plan(problem: PlacementProblem, result: SolveResult) -> Plan:
     routing = nearest_routing(problem, result.hosted, homes) if result.routing is None else result.routing[homes]
     metrics = coverage_metrics(tables.freq, tables.tokens, homes, routing, result.hosted, model.layer_bytes,
                                model.token_bytes)
-    metrics["memory_bytes"] = dict(zip(cluster.names, problem.memory(result.hosted).tolist()))
-    if cluster.layout is not None or cluster.has_nodes:
+    memory = problem.memory(result.hosted) + (0 if result.offload is None else result.offload.cache_bytes)
+    metrics["memory_bytes"] = dict(zip(cluster.names, memory.tolist()))
+    if result.offload is not None:
+        metrics.update(offload_metrics(problem, result.hosted, result.routing, result.offload))
+    elif cluster.layout is not None or cluster.has_nodes:
         metrics.update(serving_metrics(problem, result.hosted, result.routing))
     plan = Plan(model, tuple(cluster.names), tuple(tables.origins), result.hosted, routing,
                 result.objective_name, result.evidence(), metrics,
                 {"tables_sha256": tables.sha256(), "cluster_sha256": cluster.sha256()}, problem.min_replicas,
-                timing=result.timing())
+                timing=result.timing(), offload=result.offload)
     plan.check(cluster)
     return plan
 

@@ -10,7 +10,8 @@ from prism_plan.placement.cluster import GIB, parse_cluster
 from prism_plan.solvers import SOLVERS, get_solver
 
 # local-search improves latency or traffic only; layout solvers need a cluster with a [layout] (test_layout.py)
-COVERAGE_SOLVERS = [name for name, cls in SOLVERS.items() if name != "local-search" and not cls.needs_layout]
+COVERAGE_SOLVERS = [name for name, cls in SOLVERS.items()
+                    if name != "local-search" and not cls.needs_layout and not cls.needs_offload]
 from prism_plan.solvers.objectives import coverage_upper_bound
 from prism_plan.solvers.problem import PlacementProblem, build_problem
 from prism_plan.traces.tables import build_tables

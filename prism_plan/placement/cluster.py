@@ -30,7 +30,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 GIB = 2**30
-_SERVER_KEYS = {"name", "memory_gib", "compute_tflops", "origins", "node"}
+_SERVER_KEYS = {"name", "memory_gib", "compute_tflops", "origins", "node", "host_memory_gib", "load_gbps",
+                "load_latency_ms"}
 _LINK_KEYS = {"a", "b", "bandwidth_gbps", "latency_ms", "one_way"}
 _DEFAULT_KEYS = {"bandwidth_gbps", "latency_ms"}
 _NODE_KEYS = {"name", "bandwidth_gbps", "latency_ms"}
@@ -43,14 +44,24 @@ DISPATCH = ("even", "static")
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One server: memory for routed experts (bytes), expert-FFN throughput (TFLOP/s), origins it receives, and
-    the node (machine) it is in ("": a node of its own)."""
+    """One server: memory for routed experts (bytes), expert-FFN throughput (TFLOP/s), origins it receives, the
+    node (machine) it is in ("": a node of its own), and its optional slow tier (host RAM or local storage):
+    load_gbps from it into GPU memory (None: no slow tier), load_latency_ms per load, host_memory_bytes it holds
+    (None: the whole model)."""
 
     name: str
     memory_bytes: int
     compute_tflops: float
     origins: tuple[str, ...]
     node: str = ""
+    load_gbps: float | None = None
+    load_latency_ms: float = 0.0
+    host_memory_bytes: int | None = None
+
+    @property
+    def has_slow_tier(self) -> bool:
+        """Whether experts can load on demand into this server's GPU memory from its slow tier."""
+        return self.load_gbps is not None
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,27 @@ class ClusterSpec:
         """Origin name -> index of the server its requests arrive at."""
         return {o: i for i, s in enumerate(self.servers) for o in s.origins}
 
+    @property
+    def has_slow_tier(self) -> bool:
+        """Whether any server can load experts on demand from a slow tier."""
+        return any(s.has_slow_tier for s in self.servers)
+
+    @property
+    def load_bandwidth(self) -> np.ndarray:
+        """bytes/s: [servers] float64, slow tier -> GPU bandwidth (0 where a server has no slow tier)."""
+        return np.array([(s.load_gbps or 0.0) * 1e9 / 8 for s in self.servers])
+
+    @property
+    def load_latency(self) -> np.ndarray:
+        """seconds: [servers] float64, fixed cost of one load from the slow tier."""
+        return np.array([s.load_latency_ms / 1e3 for s in self.servers])
+
+    @property
+    def host_budgets(self) -> np.ndarray:
+        """bytes: [servers] float64, what each slow tier holds: inf for the whole model, 0 without a slow tier."""
+        return np.array([0.0 if not s.has_slow_tier else np.inf if s.host_memory_bytes is None
+                         else float(s.host_memory_bytes) for s in self.servers])
+
     def hop_seconds(self, message_bytes: float) -> np.ndarray:
         """seconds: [servers, servers], time to send one message of `message_bytes` between two servers."""
         return self.latency + message_bytes / self.bandwidth
@@ -145,7 +177,10 @@ class ClusterSpec:
         return {
             "name": self.name,
             "servers": [{"name": s.name, "memory_bytes": s.memory_bytes, "compute_tflops": s.compute_tflops,
-                         "origins": list(s.origins), **({"node": s.node} if s.node else {})}
+                         "origins": list(s.origins), **({"node": s.node} if s.node else {}),
+                         **({"load_gbps": s.load_gbps, "load_latency_ms": s.load_latency_ms}
+                            if s.has_slow_tier else {}),
+                         **({"host_memory_bytes": s.host_memory_bytes} if s.host_memory_bytes is not None else {})}
                         for s in self.servers],
             "bandwidth": np.where(np.isinf(self.bandwidth), -1, self.bandwidth).tolist(),
             "latency": self.latency.tolist(),
@@ -170,6 +205,9 @@ _NUMBERS = {
     "compute_tflops": (1e-6, 1e6, "give the server's sustained expert-FFN throughput in TFLOP/s"),
     "bandwidth_gbps": (1e-6, 1e6, "give the bandwidth in gigabits per second"),
     "latency_ms": (0.0, 1e6, "give the latency in milliseconds"),
+    "host_memory_gib": (0.0, 1e9, "give what the server's slow tier (host RAM or local storage) holds in GiB"),
+    "load_gbps": (1e-6, 1e6, "give the slow tier -> GPU bandwidth in gigabits per second"),
+    "load_latency_ms": (0.0, 1e6, "give the time one load from the slow tier takes to start, in milliseconds"),
 }
 
 
@@ -239,12 +277,25 @@ def parse_cluster(doc: Mapping[str, Any], source: str = "cluster") -> ClusterSpe
             owner[o] = name
         node = text(raw["node"], f"{where}: `node`", fix="name the node (machine) the server is in, or leave "
                                                          "`node` out") if "node" in raw else ""
-        servers.append(ServerSpec(name, int(round(memory * GIB)), compute, tuple(origins), node))
+        servers.append(ServerSpec(name, int(round(memory * GIB)), compute, tuple(origins), node,
+                                  *_slow_tier(where, raw)))
 
     nodes = _parse_nodes(doc, servers, source)
     bandwidth, latency = _link_matrices(doc, servers, nodes, source)
     layout = _parse_layout(doc["layout"], source) if "layout" in doc else None
     return ClusterSpec(tuple(servers), bandwidth, latency, name=cluster_name, nodes=nodes, layout=layout)
+
+
+def _slow_tier(where: str, raw: Mapping[str, Any]) -> tuple[float | None, float, int | None]:
+    """(load_gbps, load_latency_ms, host_memory_bytes) of a [[server]] table; a slow tier needs `load_gbps`."""
+    if "load_gbps" not in raw:
+        given = sorted({"host_memory_gib", "load_latency_ms"} & set(raw))
+        if given:
+            _fail(where, f"{', '.join(f'`{k}`' for k in given)} describe a slow tier, which needs `load_gbps` (slow "
+                         f"tier -> GPU bandwidth in gigabits per second); add it or drop them")
+        return None, 0.0, None
+    host = int(round(_number(where, raw, "host_memory_gib") * GIB)) if "host_memory_gib" in raw else None
+    return _number(where, raw, "load_gbps"), _number(where, raw, "load_latency_ms", default=0.0), host
 
 
 def _parse_nodes(doc: Mapping[str, Any], servers: list[ServerSpec], source: str) -> tuple[NodeSpec, ...]:

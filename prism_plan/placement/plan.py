@@ -20,6 +20,7 @@ from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.layout import layout_violation
 from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.offload import CACHE_POLICIES, Offload
 from prism_plan.units import human_bytes
 
 FORMAT = "prism-plan/plan"
@@ -34,8 +35,9 @@ class PlanError(PrismError):
 class Plan:
     """A placement.
 
-    hosted: [servers, layers, experts] bool; routing: [origins, layers, experts] int, the server index that
-    serves each origin's activations of each expert. solver: name, status, objective, bound, gap: what two runs
+    hosted: [servers, layers, experts] bool, the experts each server pins in GPU memory; routing: [origins,
+    layers, experts] int, the server index that serves each origin's activations of each expert (from its
+    pinned copy, or, with an `offload` tier, loaded from its slow tier into its cache when it does not pin it). solver: name, status, objective, bound, gap: what two runs
     with the same inputs and seed reproduce. timing: how long the steps took (solve_seconds), kept apart so that
     such runs give plan files that differ only there.
     """
@@ -51,10 +53,18 @@ class Plan:
     inputs: dict = field(default_factory=dict)
     min_replicas: int = 1
     timing: dict = field(default_factory=dict)
+    offload: Offload | None = None
 
     def memory_bytes(self) -> np.ndarray:
-        """bytes: [servers], memory the plan's experts take on each server."""
-        return memory_used(self.hosted, self.model.layer_bytes)
+        """bytes: [servers], GPU memory the plan takes on each server: its pinned experts and its cache."""
+        pinned = memory_used(self.hosted, self.model.layer_bytes)
+        return pinned if self.offload is None else pinned + self.offload.cache_bytes
+
+    def copies(self) -> np.ndarray:
+        """[layers, experts] int, copies of each expert: pinned ones, and with an offload tier those slow tiers
+        hold (which a server can load)."""
+        held = self.hosted if self.offload is None else self.hosted | self.offload.stored
+        return held.sum(axis=0)
 
     def check(self, cluster: ClusterSpec | None = None) -> None:
         """Raise PlanError when the plan is inconsistent or breaks a memory budget of `cluster`."""
@@ -65,22 +75,50 @@ class Plan:
         if self.routing.shape != (len(self.origins),) + shape[1:]:
             raise PlanError(f"plan routing has shape {list(self.routing.shape)}, expected "
                             f"{[len(self.origins), *shape[1:]]}")
-        copies = self.hosted.sum(axis=0)
+        if self.offload is not None:
+            self._check_offload_shape(shape)
+        copies = self.copies()
         if copies.min() < self.min_replicas:
             l, e = np.unravel_index(int(np.argmin(copies)), copies.shape)
-            raise PlanError(f"plan hosts expert {e} of layer {m.layers[l]} {int(copies[l, e])} time(s), fewer "
+            held = "hosts" if self.offload is None else "pins or keeps in a slow tier"
+            raise PlanError(f"plan {held} expert {e} of layer {m.layers[l]} {int(copies[l, e])} time(s), fewer "
                             f"than min_replicas={self.min_replicas}")
         if len(self.origins):
             r = self.routing
             if r.min() < 0 or r.max() >= len(self.servers):
                 raise PlanError("plan routing names a server index outside the plan's servers")
-            served = self.hosted[r, np.arange(shape[1])[None, :, None], np.arange(shape[2])[None, None, :]]
+            cell = (r, np.arange(shape[1])[None, :, None], np.arange(shape[2])[None, None, :])
+            served = self.hosted[cell]
+            if self.offload is not None:
+                self._check_loads(r, cell, served)
+                served = served | self.offload.stored[cell]
             if not served.all():
                 o, l, e = np.argwhere(~served)[0]
+                where = "neither pins it nor holds it in its slow tier" if self.offload is not None else \
+                    "does not host it"
                 raise PlanError(f"plan routes origin {self.origins[o]!r} layer {m.layers[l]} expert {e} to "
-                                f"{self.servers[r[o, l, e]]!r}, which does not host it")
+                                f"{self.servers[r[o, l, e]]!r}, which {where}")
         if cluster is not None:
             self.check_cluster(cluster)
+
+    def _check_offload_shape(self, shape: tuple[int, int, int]) -> None:
+        off = self.offload
+        if off.stored.shape != shape or off.cache_bytes.shape != shape[:1]:
+            raise PlanError(f"plan offload tier has slow-tier contents of shape {list(off.stored.shape)} and "
+                            f"{len(off.cache_bytes)} cache sizes, expected {list(shape)} and {shape[0]}")
+        if (off.cache_bytes < 0).any():
+            raise PlanError(f"plan gives server {self.servers[int(np.argmin(off.cache_bytes))]!r} a negative cache")
+
+    def _check_loads(self, routing: np.ndarray, cell: tuple, pinned: np.ndarray) -> None:
+        """Every server that loads an expert has a cache with room for it."""
+        room = self.offload.cache_bytes[routing] >= self.model.layer_bytes[None, :, None]
+        short = ~pinned & ~room
+        if short.any():
+            o, l, e = np.argwhere(short)[0]
+            s = int(routing[o, l, e])
+            raise PlanError(f"plan has server {self.servers[s]!r} load expert {e} of layer {self.model.layers[l]} "
+                            f"({human_bytes(int(self.model.layer_bytes[l]))}) into a cache of "
+                            f"{human_bytes(int(self.offload.cache_bytes[s]))}; give its cache room for one expert")
 
     def check_servers(self, cluster: ClusterSpec) -> None:
         """Raise PlanError when the plan is for other servers than `cluster`'s."""
@@ -106,6 +144,20 @@ class Plan:
             raise PlanError(f"plan puts {human_bytes(used[s])} of experts on server {self.servers[s]!r}, which has "
                             f"{human_bytes(cluster.budgets[s])}: {human_bytes(over[s])} too much; pass the cluster the "
                             f"plan was made for, or re-solve for this one")
+        if self.offload is not None:
+            self._check_slow_tiers(cluster)
+
+    def _check_slow_tiers(self, cluster: ClusterSpec) -> None:
+        """What the plan keeps in each slow tier exists there and fits it."""
+        held = memory_used(self.offload.stored, self.model.layer_bytes)
+        over = held - cluster.host_budgets
+        if (over > 0).any():
+            s = int(np.argmax(over))
+            has = "has no slow tier (no `load_gbps`)" if not cluster.servers[s].has_slow_tier else \
+                f"holds {human_bytes(int(cluster.host_budgets[s]))} there"
+            raise PlanError(f"plan keeps {human_bytes(int(held[s]))} of experts in the slow tier of server "
+                            f"{self.servers[s]!r}, which {has}; pass the cluster the plan was made for, or re-solve "
+                            f"for this one")
 
     def summary(self) -> dict:
         """Headline figures: the solver's evidence, local coverage, remote bytes per token, memory per server, and
@@ -125,10 +177,18 @@ class Plan:
                                              names[self.routing[o, l]].tolist()))
                          for l in range(len(layers))}
                    for o, org in enumerate(self.origins)}
-        return {"format": FORMAT, "version": VERSION, "model": self.model.to_dict(), "servers": list(self.servers),
-                "placement": placement, "routing": routing, "objective": self.objective, "solver": self.solver,
-                "metrics": self.metrics, "inputs": self.inputs, "constraints": {"min_replicas": self.min_replicas},
-                "timing": self.timing}
+        doc = {"format": FORMAT, "version": VERSION, "model": self.model.to_dict(), "servers": list(self.servers),
+               "placement": placement, "routing": routing, "objective": self.objective, "solver": self.solver,
+               "metrics": self.metrics, "inputs": self.inputs, "constraints": {"min_replicas": self.min_replicas},
+               "timing": self.timing}
+        if self.offload is not None:
+            off = self.offload
+            doc["offload"] = {
+                "policy": off.policy,
+                "cache_bytes": dict(zip(self.servers, off.cache_bytes.tolist())),
+                "slow_tier": {srv: {layers[l]: np.flatnonzero(off.stored[s, l]).tolist() for l in range(len(layers))}
+                              for s, srv in enumerate(self.servers)}}
+        return doc
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -136,7 +196,8 @@ class Plan:
     def sha256(self) -> str:
         """Hash of the placement and routing (what a migration moves between)."""
         d = self.to_dict()
-        return hashlib.sha256(json.dumps([d["placement"], d["routing"]], sort_keys=True).encode()).hexdigest()
+        moved = [d["placement"], d["routing"]] + ([d["offload"]] if "offload" in d else [])
+        return hashlib.sha256(json.dumps(moved, sort_keys=True).encode()).hexdigest()
 
     def save(self, path: str | Path, cluster: ClusterSpec | None = None) -> None:
         """Check the plan, then write it atomically; an invalid plan raises and writes nothing."""
@@ -177,20 +238,25 @@ class Plan:
             fail(f"`servers` names a server twice: {servers}")
         layers = [str(x) for x in model.layers]
         e_n = model.num_experts
-        hosted = np.zeros((len(servers), model.num_layers, e_n), bool)
-        placement = keys(d.get("placement"), "`placement`", servers)
-        for s, srv in enumerate(servers):
-            by_layer = keys(placement[srv], f"`placement` of {srv!r}", layers)
-            for l, key in enumerate(layers):
-                ids = by_layer[key]
-                what = f"`placement` of {srv!r} layer {key}"
-                if not isinstance(ids, list):
-                    fail(f"{what} must be a list of expert ids, got {ids!r}")
-                for e in ids:
-                    integer(e, f"{where}: every expert id in {what}", low=0, high=e_n - 1, fix=fix)
-                if len(set(ids)) != len(ids):
-                    fail(f"{what} lists an expert twice: {ids}")
-                hosted[s, l, ids] = True
+        def experts_of(value: object, what: str) -> np.ndarray:
+            """[servers, layers, experts] bool from {server: {layer: [expert ids]}}."""
+            out = np.zeros((len(servers), model.num_layers, e_n), bool)
+            value = keys(value, what, servers)
+            for s, srv in enumerate(servers):
+                by_layer = keys(value[srv], f"{what} of {srv!r}", layers)
+                for l, key in enumerate(layers):
+                    ids = by_layer[key]
+                    cell = f"{what} of {srv!r} layer {key}"
+                    if not isinstance(ids, list):
+                        fail(f"{cell} must be a list of expert ids, got {ids!r}")
+                    for e in ids:
+                        integer(e, f"{where}: every expert id in {cell}", low=0, high=e_n - 1, fix=fix)
+                    if len(set(ids)) != len(ids):
+                        fail(f"{cell} lists an expert twice: {ids}")
+                    out[s, l, ids] = True
+            return out
+
+        hosted = experts_of(d.get("placement"), "`placement`")
         routing_doc = table(d.get("routing", {}), "`routing`")
         origins = tuple(routing_doc)
         if "" in origins:
@@ -217,9 +283,18 @@ class Plan:
         constraints = table(d.get("constraints", {}), "`constraints`")
         min_replicas = integer(constraints.get("min_replicas", 1), f"{where}: `constraints.min_replicas`", low=1,
                                high=len(servers), fix=fix)
+        offload = None
+        if "offload" in d:
+            raw = keys(d["offload"], "`offload`", ["policy", "cache_bytes", "slow_tier"])
+            if raw["policy"] not in CACHE_POLICIES:
+                fail(f"`offload.policy` must be one of {list(CACHE_POLICIES)}, got {raw['policy']!r}")
+            sizes = keys(raw["cache_bytes"], "`offload.cache_bytes`", servers)
+            cache = [integer(sizes[x], f"{where}: `offload.cache_bytes` of {x!r}", low=0, fix=fix) for x in servers]
+            offload = Offload(np.array(cache, np.int64), experts_of(raw["slow_tier"], "`offload.slow_tier`"),
+                              raw["policy"])
         plan = cls(model, tuple(servers), origins, hosted, routing, objective, solver,
                    table(d.get("metrics", {}), "`metrics`"), table(d.get("inputs", {}), "`inputs`"), min_replicas,
-                   timing)
+                   timing, offload)
         try:
             plan.check()
         except PlanError as e:

@@ -17,11 +17,12 @@ from prism_plan.solvers.greedy import GreedySolver
 from prism_plan.solvers.incremental import IncrementalSolver
 from prism_plan.solvers.local_search import LocalSearchSolver
 from prism_plan.solvers.objectives import OBJECTIVES
+from prism_plan.solvers.offload import SwapSolver
 from prism_plan.solvers.problem import PlacementProblem, build_problem
 
 SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (
     ExactSolver, GreedySolver, LocalSearchSolver, LinearSolver, RoundRobinSolver, PopularitySolver, EplbSolver,
-    EplbMemorySolver, CoactivationSolver, RandomSolver)}
+    EplbMemorySolver, CoactivationSolver, RandomSolver, SwapSolver)}
 
 
 def get_solver(name: str, **options) -> Solver:

@@ -15,6 +15,7 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.placement.checks import integer
+from prism_plan.placement.offload import Offload
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.objectives import Objective, get_objective, relative_gap
 from prism_plan.solvers.coverage import nearest_layout
@@ -31,6 +32,7 @@ class SolveResult:
     |objective - bound| relative to the bound (maximising) or to the objective (minimising). routing:
     [servers, layers, experts] the server each home server's origins use, when the solver chose it (else the
     nearest replica serves). extra: solver-specific evidence (the incremental solver's bytes copied).
+    offload: cache sizes and slow-tier contents of a plan whose GPUs cannot hold the model.
     """
 
     hosted: np.ndarray
@@ -45,6 +47,7 @@ class SolveResult:
     weak_bound: bool = False
     routing: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    offload: Offload | None = None
 
     def evidence(self) -> dict:
         """The `solver` section of a plan file: what a run with the same inputs and seed reproduces."""
@@ -72,13 +75,17 @@ class Solver(ABC):
 
     objectives: what the solver optimises itself; under any other objective its placement is scored and
     reported as a heuristic, unless `only_own_objectives`, when asking for another one is an error.
-    needs_layout: it plans slot layouts only (clusters with a [layout]).
+    needs_layout: it plans slot layouts only (clusters with a [layout]). plans_offload: it plans clusters whose
+    GPUs cannot hold the model (problems with `offload` terms), scoring its plans itself; needs_offload: only
+    those.
     """
 
     name: ClassVar[str]
     objectives: ClassVar[tuple[str, ...]] = ()
     only_own_objectives: ClassVar[bool] = False
     needs_layout: ClassVar[bool] = False
+    plans_offload: ClassVar[bool] = False
+    needs_offload: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
     def __init__(self, *, time_limit: float | None = None, seed: int = 0) -> None:
@@ -104,8 +111,14 @@ class Solver(ABC):
         if self.needs_layout and problem.layout is None:
             raise PrismError(f"solver {self.name!r} plans serving layouts: add a [layout] table with slots_per_layer "
                              f"to the cluster file, or pass another `solver`", parameters=("solver",))
+        if self.needs_offload and problem.offload is None:
+            raise PrismError(f"solver {self.name!r} plans clusters whose GPUs cannot hold the model (servers with "
+                             f"`load_gbps` and less memory than one copy); pass another `solver`",
+                             parameters=("solver",))
         check_feasible(problem)
         deadline = Deadline(self.time_limit)
+        if problem.offload is not None:
+            return self._solve_offload(problem, objective, deadline)
         sol = self._solve(problem, obj, deadline)
         hosted, routing = sol.hosted, sol.routing
         status, bound, weak = sol.status, sol.bound, sol.weak_bound
@@ -126,3 +139,17 @@ class Solver(ABC):
         return SolveResult(hosted.astype(bool), self.name, status, value, bound,
                            relative_gap(value, bound, obj.maximize), seconds, objective, obj.measure,
                            weak, routing, sol.extra)
+
+    def _solve_offload(self, problem: PlacementProblem, objective: str, deadline: Deadline) -> SolveResult:
+        """A plan with pins, caches and loads; the solver's Solution carries its own value (extra["value"])."""
+        if not self.plans_offload:
+            raise PrismError(f"the cluster's GPUs cannot hold the model and experts load from its slow tiers; "
+                             f"solver {self.name!r} does not plan that: pass `solver` exact (or swap, each server "
+                             f"alone)", parameters=("solver",))
+        sol = self._solve(problem, get_objective(objective), deadline)
+        extra = dict(sol.extra)
+        value = extra.pop("value")
+        maximize = get_objective(objective).maximize
+        return SolveResult(sol.hosted.astype(bool), self.name, sol.status, value, sol.bound,
+                           relative_gap(value, sol.bound, maximize), deadline.elapsed(), objective,
+                           extra.pop("measure"), sol.weak_bound, sol.routing, extra, sol.offload)

@@ -48,9 +48,10 @@ def integer_costs(weight: np.ndarray, limit: float = _COST_SCALE_MAX) -> tuple[n
 
 
 def solve_flow(weight: np.ndarray, slots: np.ndarray, min_replicas: int,
-               tiebreak: np.ndarray | None = None, fill: bool = True) -> tuple[np.ndarray, float]:
+               tiebreak: np.ndarray | None = None, fill: bool = True,
+               max_copies: int | None = None) -> tuple[np.ndarray, float]:
     """Maximise sum(weight * x) over x: [servers, items] in {0, 1}, with x.sum(1) == slots (`fill`) or
-    <= slots, and x.sum(0) >= min_replicas.
+    <= slots, and min_replicas <= x.sum(0) <= max_copies (default servers).
 
     weight: [servers, items], may be negative; slots: [servers] int, each at most `items`.
     tiebreak: [servers, items] 0/1, among optimal x the one with the fewest chosen 1s (a lexicographic second
@@ -67,8 +68,9 @@ def solve_flow(weight: np.ndarray, slots: np.ndarray, min_replicas: int,
     tails = np.repeat(np.arange(s, dtype=np.int32), n)
     heads = np.tile(np.arange(s, s + n, dtype=np.int32), s)
     placing = flow.add_arcs_with_capacity_and_unit_cost(tails, heads, np.ones(s * n, np.int64), -costs.ravel())
+    top = s if max_copies is None else max_copies
     flow.add_arcs_with_capacity_and_unit_cost(np.arange(s, s + n, dtype=np.int32), np.full(n, sink, np.int32),
-                                              np.full(n, s - min_replicas, np.int64), np.zeros(n, np.int64))
+                                              np.full(n, top - min_replicas, np.int64), np.zeros(n, np.int64))
     if not fill:  # empty slots: the right choice where a copy costs more than it brings
         flow.add_arcs_with_capacity_and_unit_cost(np.arange(s, dtype=np.int32), np.full(s, sink, np.int32),
                                                   slots.astype(np.int64), np.zeros(s, np.int64))

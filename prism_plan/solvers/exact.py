@@ -4,7 +4,8 @@ coverage: the min-cost flow for equal expert sizes (optimal in well under a seco
 coverage MILP otherwise, started from greedy; with a slot layout, one flow per layer. latency: the latency MILP
 with routing, started from the best of greedy and the coverage optimum, bounded by it and by the Lagrangian
 decomposition; with a slot layout, the topology search (solvers.topology) and its weak bound. balance (slot
-layouts): solvers.balance. Every result carries the bound and gap the model proves.
+layouts): solvers.balance. Clusters whose GPUs cannot hold the model: the pin flow of solvers.offload. Every
+result carries the bound and gap the model proves.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.greedy import greedy_placement
 from prism_plan.solvers.latency import solve_latency
 from prism_plan.solvers.objectives import Objective, even_dispatch
+from prism_plan.solvers.offload import plan_offload
 from prism_plan.solvers.problem import PlacementProblem, Solution, placement_fits
 from prism_plan.solvers.static_dispatch import static_balance_routing
 from prism_plan.solvers.topology import topology_latency_bound, topology_solution
@@ -41,6 +43,7 @@ class ExactSolver(Solver):
 
     name = "exact"
     objectives = ("coverage", "latency", "balance")
+    plans_offload = True
     summary = ("optimal coverage (min-cost flow; MILP when expert sizes differ; a flow per layer for a slot "
                "layout); latency MILP; layout balance with bounds; with proof")
 
@@ -53,6 +56,8 @@ class ExactSolver(Solver):
         self.warm_start = warm_start
 
     def _solve(self, problem: PlacementProblem, objective: Objective, deadline: Deadline) -> Solution:
+        if problem.offload is not None:
+            return plan_offload(problem, objective.name, deadline)
         if objective.name == "balance":
             sol = solve_layout_balance(problem, deadline.split(0.8))
             if not even_dispatch(problem):  # each home's activations of an expert go to one copy the plan names

@@ -3,7 +3,7 @@ model or heuristic hands back, a Solution."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -13,9 +13,26 @@ from prism_plan.placement.cluster import ClusterSpec, SlotLayout
 from prism_plan.placement.layout import layout_violation
 from prism_plan.placement.metrics import memory_used
 from prism_plan.placement.model import ModelSpec, model_from_meta
+from prism_plan.placement.offload import Offload
 from prism_plan.placement.simulator import CostModel, Workload, check_concurrency, prepare_workload
 from prism_plan.traces.tables import ActivationTables
 from prism_plan.units import human_bytes
+
+
+@dataclass(frozen=True)
+class OffloadTerms:
+    """What loading experts on demand costs, for clusters whose GPUs cannot hold every expert.
+
+    load_seconds: [servers, layers] seconds one load of an expert of the layer takes from the server's slow tier
+    (inf without one); host_budget: [servers] bytes each slow tier holds (inf: the whole model, 0: none);
+    touches: [servers, layers, experts] batches at the server's origins that use each expert (a batch loads an
+    expert once per layer); requests: requests behind `touches`.
+    """
+
+    load_seconds: np.ndarray
+    host_budget: np.ndarray
+    touches: np.ndarray
+    requests: float
 
 
 @dataclass(frozen=True)
@@ -33,6 +50,8 @@ class PlacementProblem:
     homes: [origins] the server index of each of the tables' origins.
     layout: the equal slots per server and MoE layer a serving system needs (None: memory alone limits);
     node: [servers] int64, the node each server is in (None: each its own).
+    offload: the slow tiers' costs when the GPUs cannot hold `min_replicas` copies and experts load on demand
+    (None: every expert is pinned on a GPU).
     """
 
     weight: np.ndarray
@@ -50,6 +69,7 @@ class PlacementProblem:
     homes: np.ndarray | None = field(default=None, repr=False)
     layout: SlotLayout | None = None
     node: np.ndarray | None = field(default=None, repr=False)
+    offload: OffloadTerms | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -118,7 +138,7 @@ class Solution:
     bound proven on the optimum of the objective solved (None when unknown); routing: [servers, layers,
     experts] the serving server of each home server's activations, when the model chose it (else the nearest
     replica serves); extra: model-specific evidence for the plan file; weak_bound: the bound is a cheap one,
-    loose by construction.
+    loose by construction; offload: cache sizes and slow-tier contents, for problems with `offload` terms.
     """
 
     hosted: np.ndarray
@@ -127,6 +147,7 @@ class Solution:
     routing: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
     weak_bound: bool = False
+    offload: Offload | None = None
 
 
 def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSpec | None = None, *,
@@ -158,8 +179,39 @@ def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSp
                                int(min_replicas), tuple(cluster.names), CostModel.of(cluster, model),
                                float(tables.tokens.sum()), workload, tables, cluster, model, homes, cluster.layout,
                                cluster.node_index if cluster.has_nodes else None)
+    if cluster.has_slow_tier and memory_shortfall(problem) > 0:
+        problem = replace(problem, offload=offload_terms(problem))
     check_feasible(problem)
     return problem
+
+
+def offload_terms(problem: PlacementProblem) -> OffloadTerms:
+    """The slow tiers' costs of a problem built from tables and a cluster. Batches that use each expert are
+    counted from the workload when there is one, else estimated from the tables: each request one batch whose
+    tokens pick the expert independently at its observed rate."""
+    cluster, tables = problem.cluster, problem.tables
+    with np.errstate(divide="ignore"):
+        load = cluster.load_latency[:, None] + problem.layer_bytes[None, :] / cluster.load_bandwidth[:, None]
+    s_n, l_n, e_n = problem.shape
+    w = problem.workload
+    if w is not None:
+        server = w.home[w.origin]
+        cell = ((w.step * s_n + server)[:, None, None] * l_n + np.arange(l_n)[None, :, None]) * e_n + w.experts
+        used = np.unique(cell.ravel()) % (s_n * l_n * e_n)
+        touches = np.bincount(used, minlength=s_n * l_n * e_n).reshape(s_n, l_n, e_n).astype(float)
+        requests = float(w.num_requests)
+    else:
+        spans = tables.meta.get("requests") or {}
+        count = np.array([sum(b - a + 1 for a, b in spans.get(o, [])) or t for o, t in
+                          zip(tables.origins, tables.tokens)], dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate = np.nan_to_num(tables.freq / tables.tokens[:, None, None])
+            per_request = np.nan_to_num(tables.tokens / count)
+        used = count[:, None, None] * -np.expm1(per_request[:, None, None] * np.log1p(-np.minimum(rate, 1 - 1e-12)))
+        touches = np.zeros(problem.shape)
+        np.add.at(touches, problem.homes, used)
+        requests = float(count.sum())
+    return OffloadTerms(load, cluster.host_budgets, touches, requests)
 
 
 def _span(layers: tuple[int, ...]) -> str:
@@ -169,27 +221,67 @@ def _span(layers: tuple[int, ...]) -> str:
 _LISTED = 8  # servers named in an infeasibility message; a long list would bury the shortfall
 
 
+def gpu_capacity(problem: PlacementProblem) -> tuple[int, int]:
+    """(bytes `min_replicas` copies of every expert need, bytes of whole experts the GPUs can hold)."""
+    s, l, e = problem.shape
+    need = problem.min_replicas * e * int(problem.layer_bytes.sum())
+    if problem.uniform:
+        have = int(problem.slots.sum()) * int(problem.layer_bytes[0])
+    else:  # a server holds each (layer, expert) once: memory beyond one full copy of the model is no use
+        have = int(np.minimum(problem.budget, e * int(problem.layer_bytes.sum())).sum())
+    return need, have
+
+
+def memory_shortfall(problem: PlacementProblem) -> int:
+    """Bytes the GPUs lack to pin `min_replicas` copies of every expert (0 when they have room)."""
+    need, have = gpu_capacity(problem)
+    return max(need - have, 0)
+
+
 def check_feasible(problem: PlacementProblem) -> None:
     """Raise InfeasibleError, naming the shortfall in GiB, when the cluster cannot hold every expert
-    `min_replicas` times."""
+    `min_replicas` times: on its GPUs, or, with slow tiers, on its GPUs and in its slow tiers together."""
     s, l, e = problem.shape
     r = problem.min_replicas
     if r > s:
         raise InfeasibleError(f"`min_replicas` {r} needs at least {r} servers, the cluster has {s}; lower "
                               f"`min_replicas` or add servers", parameters=("min_replicas",))
+    if problem.offload is not None:
+        check_offload(problem)
+        return
     if problem.layout is not None:
         check_layout(problem)
-    need = r * e * int(problem.layer_bytes.sum())
-    if problem.uniform:
-        have = int(problem.slots.sum()) * int(problem.layer_bytes[0])
-    else:  # a server holds each (layer, expert) once: memory beyond one full copy of the model is no use
-        have = int(np.minimum(problem.budget, e * int(problem.layer_bytes.sum())).sum())
+    need, have = gpu_capacity(problem)
     if have < need:
         shown = [f"{n} {human_bytes(b)}" for n, b in zip(problem.server_names[:_LISTED], problem.budget)]
         lines = ", ".join(shown + ([f"and {s - _LISTED} more"] if s > _LISTED else []))
         raise InfeasibleError(f"infeasible budget: {r} cop{'y' if r == 1 else 'ies'} of every expert need "
                               f"{human_bytes(need)} but the servers hold {human_bytes(have)} of whole experts "
                               f"({lines}); short by {human_bytes(need - have)}: raise memory_gib or add a server")
+
+
+def check_offload(problem: PlacementProblem) -> None:
+    """Raise InfeasibleError unless every expert can be pinned on some GPU or held in some slow tier
+    `min_replicas` times, and some server has a slow tier and GPU memory for one expert to load into."""
+    s, l, e = problem.shape
+    if problem.layout is not None:
+        raise InfeasibleError("the cluster's [layout] asks for every slot pinned, but its GPUs cannot hold the "
+                              "model, so experts must load from the slow tiers: drop the [layout] table, or give "
+                              "the GPUs memory for every expert")
+    biggest = int(problem.layer_bytes.max())
+    can_load = np.isfinite(problem.offload.load_seconds).all(axis=1) & (problem.budget >= biggest)
+    if not can_load.any():
+        raise InfeasibleError(f"no server with a slow tier has GPU memory for one expert "
+                              f"({human_bytes(biggest)}) to load into: raise memory_gib of a server with `load_gbps`")
+    copy = e * int(problem.layer_bytes.sum())
+    need = problem.min_replicas * copy
+    # every server that loads keeps room for one expert to load into
+    have = int(np.minimum(problem.budget, copy).sum() + np.minimum(problem.offload.host_budget, copy).sum()
+               - biggest * can_load.sum())
+    if have < need:
+        raise InfeasibleError(f"infeasible budget: {problem.min_replicas} cop{'y' if problem.min_replicas == 1 else 'ies'}"
+                              f" of every expert need {human_bytes(need)} but the GPUs and slow tiers together hold "
+                              f"{human_bytes(have)}; raise host_memory_gib or memory_gib, or add a server")
 
 
 def check_layout(problem: PlacementProblem) -> None:
