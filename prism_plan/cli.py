@@ -16,11 +16,12 @@ from prism_plan.cli_options import (CLUSTER, CLUSTER_FILE, CONCURRENCY, FILE, Fi
 from prism_plan.cli_profile import profile
 from prism_plan.errors import Interrupted, PrismError
 from prism_plan.executor.launch import apply_plan, launch
-from prism_plan.messages import (describe_export, describe_migration, describe_plan, describe_rank,
+from prism_plan.messages import (describe_export, describe_offload_replay, describe_migration, describe_plan, describe_rank,
                                  describe_ranks, describe_simulation, migration_summary)
 from prism_plan.pipeline import migrate_placement, solve_placement
 from prism_plan.placement.cluster import GIB, load_cluster
 from prism_plan.placement.export import export_plan, FORMATS as EXPORT_FORMATS
+from prism_plan.placement.offload_replay import OffloadReplay
 from prism_plan.placement.simulator import simulate as replay
 from prism_plan.progress import spinner
 from prism_plan.report import write_report
@@ -111,14 +112,23 @@ def _limit(seconds: float | None) -> str:
 @click.option("--trace", type=FILE, required=True, help="Trace (.parquet) to replay.")
 @CLUSTER
 @CONCURRENCY
+@click.option("--schedule", is_flag=True, help="Offload plans: send each batch's tokens of an expert to a server "
+              "that pins or caches it, or load it, whichever the cache state makes cheaper (Sirius' rule).")
+@click.option("--prefetch", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Offload plans: experts each server loads ahead per layer, predicted from --prefetch-tables.")
+@click.option("--prefetch-tables", type=FILE, help="Tables (.npz) whose cross-layer transitions predict the next "
+              "layer's experts (the tables the plan was made from).")
 @outputs("Write every number (per request, server and link) as JSON here [default: only print].", required=False)
-def simulate(plan, trace, cluster, concurrency, output, quiet, as_json) -> None:
+def simulate(plan, trace, cluster, concurrency, schedule, prefetch, prefetch_tables, output, quiet, as_json) -> None:
     """Replay a trace through a plan: time to first token, time per output token, load and link traffic."""
     cluster = load_cluster(cluster)
-    result = replay(plan, trace, cluster, concurrency=concurrency, quiet=quiet)
+    result = replay(plan, trace, cluster, concurrency=concurrency, schedule=schedule, prefetch=prefetch,
+                    prefetch_tables=prefetch_tables, quiet=quiet)
     if output is not None:
         result.save(output)
-    say(as_json, result.summary(), describe_simulation(result, cluster, output))
+    lines = describe_offload_replay(result, output) if isinstance(result, OffloadReplay) else \
+        describe_simulation(result, cluster, output)
+    say(as_json, result.summary(), lines)
 
 
 @cli.command()

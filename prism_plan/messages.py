@@ -8,6 +8,7 @@ import numpy as np
 from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.migration import MigrationPlan
 from prism_plan.placement.plan import Plan
+from prism_plan.placement.offload_replay import OffloadReplay
 from prism_plan.placement.simulator import SimulationResult
 from prism_plan.units import count, human_bytes, milliseconds, per_token, percent
 
@@ -51,11 +52,29 @@ def describe_plan(plan: Plan, path) -> list[str]:
     """The solver's evidence (a weak bound said so), the plan's local coverage, and how a baseline was adapted."""
     s, seconds = plan.solver, plan.timing.get("solve_seconds")
     took = "" if seconds is None else f" in {seconds:.2f} s"
+    per_request = plan.offload is not None and plan.objective == "latency"  # the offload model counts requests
+
+    def shown(objective: str, v: float | None) -> str:
+        if per_request and v is not None:
+            return f"{milliseconds(v)}/request of loads and trips"
+        return objective_value(objective, v)
     return ([f"wrote {path}: {s['name']} {s['status']}{took}; {plan.objective} "
-             f"{objective_value(plan.objective, s['objective'])}, "
-             f"{'bound (weak)' if s.get('weak_bound') else 'bound'} {objective_value(plan.objective, s['bound'])}, "
+             f"{shown(plan.objective, s['objective'])}, "
+             f"{'bound (weak)' if s.get('weak_bound') else 'bound'} {shown(plan.objective, s['bound'])}, "
              f"gap {percent(s['gap'], 3)}; local coverage {percent(plan.metrics['local_coverage'])}"] +
-            _serving_line(plan.metrics) + ([f"note: {s['note']}"] if s.get("note") else []))
+            _serving_line(plan.metrics) + _offload_line(plan) + ([f"note: {s['note']}"] if s.get("note") else []))
+
+
+def _offload_line(plan: Plan) -> list[str]:
+    """Pins, caches and loads of a plan whose GPUs cannot hold the model, else nothing."""
+    if plan.offload is None:
+        return []
+    m = plan.metrics
+    caches = ", ".join(f"{name} {human_bytes(b)}" for name, b in zip(plan.servers, plan.offload.cache_bytes))
+    return [f"offload: {count(int(plan.hosted.sum()))} experts pinned, "
+            f"{percent(m['loaded_share'])} of activations loaded from slow tiers "
+            f"({m['loads_per_request']:.0f} loads per request), {percent(m['pinned_remote_share'])} served from a "
+            f"pinned copy on another server; caches {caches}"]
 
 
 def _serving_line(m: dict) -> list[str]:
@@ -126,6 +145,26 @@ def describe_simulation(result: SimulationResult, cluster: ClusterSpec, path=Non
     return lines
 
 
+def describe_offload_replay(result: OffloadReplay, path=None) -> list[str]:
+    """Latency, loads and prefetch of an offload replay, then each server's loads and hit rate."""
+    s = result.summary()
+    tpot = "" if s["tpot_mean_s"] is None else f", TPOT mean {milliseconds(s['tpot_mean_s'], 3)}"
+    shown = {k: "n/a" if s[k] is None else percent(s[k]) for k in ("hit_rate", "prefetch_precision",
+                                                                   "prefetch_recall")}
+    prefetch = "no prefetch" if s["prefetch_precision"] is None else (
+        f"prefetch precision {shown['prefetch_precision']}, recall {shown['prefetch_recall']}, "
+        f"{percent(s['hidden_share'])} of load time hidden")
+    lines = ([f"wrote {path}"] if path is not None else []) + [
+        f"{count(s['requests'])} requests, {count(s['tokens'])} tokens: TTFT mean {milliseconds(s['ttft_mean_s'])}, "
+        f"p99 {milliseconds(s['ttft_p99_s'])}{tpot}; loaded {human_bytes(s['bytes_loaded'])} "
+        f"({human_bytes(s['prefetch_bytes'])} prefetched), network {human_bytes(s['network_bytes'])}; cache hit "
+        f"rate {shown['hit_rate']}; {prefetch}"]
+    lines += [f"  {name}: loaded {human_bytes(v['bytes_loaded'])}, hit rate "
+              f"{'n/a' if v['hit_rate'] is None else percent(v['hit_rate'])}, {milliseconds(v['load_seconds'], 1)} "
+              f"loading" for name, v in s["server"].items()]
+    return lines
+
+
 def describe_export(s: dict) -> list[str]:
     """The layout written, the flags the serving system needs, and what equal slots cost."""
     lines = [f"wrote {s['path']}: {s['ep_size']} EP ranks (rank i = server {', '.join(s['servers'])} in order), "
@@ -141,3 +180,4 @@ def describe_export(s: dict) -> list[str]:
         lines.append(f"equal slots per GPU add {kind}: " + ", ".join(f"{srv} +{human_bytes(n)}"
                                                                 for srv, n in padded.items()))
     return lines
+

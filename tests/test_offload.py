@@ -1,6 +1,7 @@
 """The offload tier: slow-tier cluster keys, plans with pins, caches and loads, and the solver that makes them."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -129,8 +130,11 @@ def test_other_solvers_and_objectives_say_what_to_use(tables):
         solve_placement(tables, cluster(0.5), MODEL, solver="greedy")
     with pytest.raises(PrismError, match="pass `objective` latency"):
         solve_placement(tables, cluster(0.5), MODEL, objective="balance")
-    with pytest.raises(PrismError, match="plans clusters whose GPUs cannot hold"):
-        solve_placement(tables, cluster(1.5), MODEL, solver="swap")
+    with pytest.raises(PrismError, match="give the servers `load_gbps`"):
+        solve_placement(tables, cluster(1.5, load_gbps=None), MODEL, solver="swap")
+    # where the GPUs hold the model, swap is still the baseline: each server alone, loading what it lacks
+    swap = solve_placement(tables, cluster(1.5), MODEL, solver="swap", objective="latency")
+    assert swap.offload is not None and swap.hosted.sum(axis=0).min() == 0
 
 
 def test_small_slow_tiers_are_planned_and_must_cover_the_model(tables):
@@ -186,3 +190,49 @@ def test_expert_cache_is_lru_by_bytes():
         cache.get((1, 0), 31)
     with pytest.raises(PrismError, match="policy"):
         Offload(np.zeros(1), np.zeros((1, 1, 1)), policy="mru")
+
+
+QUARTER_EDGE = """
+[defaults]
+bandwidth_gbps = 10.0
+latency_ms = 0.5
+""" + "".join(f"""
+[[server]]
+name = "edge-{x}"
+memory_gib = {m}
+origins = ["{o}"]
+load_gbps = 128.0
+load_latency_ms = 0.05
+""" for x, m, o in (("a", 1.2, "intent"), ("b", 1.5, "law"), ("c", 1.8, "summary"), ("d", 2.2, "translation")))
+
+
+def test_cli_solves_and_simulates_esft_at_a_quarter_of_one_copy(tmp_path, capsys):
+    """The bundled real routing on GPUs that hold 25% of DeepSeek-V2-Lite's experts: plan on one half of the
+    requests, replay the other half with scheduling and prefetch."""
+    from prism_plan.cli import main
+    from prism_plan.studies.bundled import BUNDLED_TRACE
+    from prism_plan.traces.trace import load_trace
+    fit, held = load_trace(BUNDLED_TRACE).split_requests(0.5)
+    fit.save(tmp_path / "fit.parquet")
+    held.save(tmp_path / "held.parquet")
+    (tmp_path / "c.toml").write_text(QUARTER_EDGE)
+    assert main(["profile", "tables", str(tmp_path / "fit.parquet"), "-o", str(tmp_path / "t.npz"), "--quiet"]) == 0
+    args = ["--tables", tmp_path / "t.npz", "--cluster", tmp_path / "c.toml", "--objective", "latency", "--quiet"]
+    for solver in ("exact", "swap"):
+        assert main(["solve", *map(str, args), "--solver", solver, "-o", str(tmp_path / f"{solver}.json")]) == 0
+    out = capsys.readouterr().out
+    assert "offload:" in out and "loaded from slow tiers" in out
+    ttft = {}
+    for name, extra in (("swap", []), ("exact", ["--schedule", "--prefetch", "12",
+                                                  "--prefetch-tables", str(tmp_path / "t.npz")])):
+        capsys.readouterr()
+        code = main(["simulate", "--plan", str(tmp_path / f"{name}.json"), "--trace", str(tmp_path / "held.parquet"),
+                     "--cluster", str(tmp_path / "c.toml"), "--json", "--quiet", *extra])
+        summary = json.loads(capsys.readouterr().out)
+        assert code == 0 and summary["bytes_loaded"] > 0
+        ttft[name] = summary["ttft_mean_s"]
+    assert ttft["exact"] < ttft["swap"]
+    assert summary["prefetch_precision"] > 0.5 and 0 < summary["hidden_share"] <= 1
+    code = main(["simulate", "--plan", str(tmp_path / "swap.json"), "--trace", str(tmp_path / "held.parquet"),
+                 "--cluster", str(tmp_path / "c.toml"), "--prefetch", "4"])
+    assert code == 2 and "pass --prefetch-tables" in capsys.readouterr().err

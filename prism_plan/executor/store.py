@@ -1,5 +1,6 @@
 """ExpertStore: the routed experts one rank holds, keyed by (layer, expert), read selectively from a Hugging Face
-safetensors checkpoint.
+safetensors checkpoint; OffloadCache: the experts a rank does not pin, loaded on demand from its slow tier (host
+memory, or the checkpoint itself) into a cache on its compute device.
 
 Checkpoints name expert tensors `[model.]layers.<layer>.<block>.experts.<rest>`: per-expert modules
 (`experts.<e>.w1.weight`, `experts.<e>.gate_proj.weight`, ...: transformers 4.x layouts and what 5.x writes for
@@ -22,6 +23,7 @@ import numpy as np
 from prism_plan.errors import MissingInputError, PrismError
 from prism_plan.executor import require_torch
 from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.offload import ExpertCache, Offload
 
 _EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\.[^.]+\.experts\.(.+)$")
 _DTYPES = {2: "bfloat16", 4: "float32"}
@@ -208,3 +210,87 @@ def expert_list(hosted: np.ndarray, server: int, layers) -> list[tuple[int, int]
     """[(model layer number, expert)] hosted by `server`. hosted: [servers, layers, experts] bool."""
     ls, es = np.nonzero(hosted[server])
     return [(int(layers[l]), int(e)) for l, e in zip(ls, es)]
+
+
+class OffloadCache:
+    """One rank's on-demand expert cache: ExpertCache's bookkeeping (capacity, eviction order and bytes counted at
+    the model's expert sizes, as the simulator counts them) paired with the real tensors, held in `resident`, an
+    ExpertStore on the compute device.
+
+    slow_tier: where a miss loads from: an ExpertStore on "cpu" holding the rank's slow-tier experts (host
+    memory), or the checkpoint's CheckpointIndex, read on demand straight onto the device. stored: the (model
+    layer number, expert) keys the slow tier holds; by default all the slow tier has (the whole checkpoint).
+    capacity_bytes: the cache's size in bytes; model: its layers and expert sizes; device: the compute device
+    (a CUDA device, or "cpu", where `resident` is a second store in host memory).
+    bytes_copied: bytes of tensors really copied into `resident` (sum of their nbytes).
+    """
+
+    def __init__(self, model: ModelSpec, capacity_bytes: int, slow_tier: "ExpertStore | CheckpointIndex",
+                 device: str = "cpu", policy: str = "lru", stored=None) -> None:
+        self.layers = tuple(model.layers)
+        self.layer_bytes = np.asarray(model.layer_bytes, dtype=np.int64)
+        self.cache = ExpertCache(capacity_bytes, policy)
+        self.slow_tier = slow_tier
+        held = slow_tier.experts() if isinstance(slow_tier, ExpertStore) else slow_tier.sources
+        self.stored = set(held if stored is None else stored)
+        self.resident = ExpertStore(device)
+        self.bytes_copied = 0
+
+    @classmethod
+    def for_rank(cls, offload: Offload, rank: int, model: ModelSpec, device: str = "cpu",
+                 index: CheckpointIndex | None = None, on_demand: bool = False) -> "OffloadCache":
+        """The cache of server `rank` under a plan's `offload` tier: its slow tier holds offload.stored[rank],
+        read from the checkpoint `index` into host memory (synthetic weights without one, as
+        ExpertStore.fill_synthetic makes them), or with `on_demand` left in the checkpoint and read on each miss."""
+        keys = expert_list(offload.stored, rank, model.layers)
+        capacity = int(offload.cache_bytes[rank])
+        if on_demand:
+            if index is None:
+                raise PrismError("reading experts on demand needs the checkpoint; pass its `index` "
+                                 "(index_checkpoint) or on_demand=False", parameters=("index", "on_demand"))
+            return cls(model, capacity, index, device, offload.policy, keys)
+        host = ExpertStore("cpu")
+        if index is None:
+            host.fill_synthetic(model, keys)
+        else:
+            host.load(index, keys)
+        return cls(model, capacity, host, device, offload.policy)
+
+    @property
+    def hits(self) -> int:
+        return self.cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self.cache.misses
+
+    @property
+    def bytes_loaded(self) -> int:
+        """Bytes loaded at the model's expert sizes (the simulator's count)."""
+        return self.cache.bytes_loaded
+
+    def get(self, layer_index: int, expert: int) -> bool:
+        """Make expert `expert` of MoE layer `layer_index` (index into the model's layers) resident, as
+        ExpertCache.get decides: a hit leaves the tensors where they are; a miss first frees the experts it evicts,
+        then copies the expert's tensors from the slow tier. Returns whether it was loaded."""
+        key = (self.layers[layer_index], int(expert))
+        if key not in self.stored:  # checked first: a refused lookup leaves the counters as they were
+            raise PrismError(f"this rank's slow tier does not hold expert {key[1]} of layer {key[0]}, so it cannot "
+                             f"load it; route its activations to a server that pins or stores it",
+                             parameters=("slow_tier",))
+        loaded, evicted = self.cache.get((layer_index, key[1]), int(self.layer_bytes[layer_index]))
+        for layer, e in evicted:
+            del self.resident.tensors[(self.layers[layer], e)]
+        if loaded:
+            self._copy(key)
+        return loaded
+
+    def _copy(self, key: tuple[int, int]) -> None:
+        """Copy expert `key` (model layer number, expert) from the slow tier into `resident`, counting its bytes.
+        copy=True: a real copy even where the compute device is the host's own ("cpu")."""
+        if isinstance(self.slow_tier, ExpertStore):
+            self.resident.tensors[key] = {k: t.to(self.resident.device, copy=True)
+                                          for k, t in self.slow_tier.tensors[key].items()}
+        else:
+            self.resident.load(self.slow_tier, [key])
+        self.bytes_copied += sum(t.nbytes for t in self.resident.tensors[key].values())

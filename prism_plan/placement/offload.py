@@ -46,10 +46,13 @@ class Offload:
         return ~hosted[routing, np.arange(l_n)[None, :, None], np.arange(e_n)[None, None, :]]
 
 
-def lookup_order(experts: np.ndarray) -> np.ndarray:
-    """The order in which a server looks up the distinct experts one batch of one layer needs: ascending ids.
-    experts: [n] int, may repeat."""
-    return np.unique(np.asarray(experts, dtype=np.int64))
+def lookup_order(experts: np.ndarray, cache: "ExpertCache", layer: int) -> np.ndarray:
+    """The order in which a server looks up the distinct experts one batch of MoE layer index `layer` needs
+    from its `cache`: those it holds first, then the others, each in ascending id, so that no load evicts an
+    expert the same batch is about to find there (a prefetch, or a cached expert). experts: [n] int, may repeat."""
+    distinct = np.unique(np.asarray(experts, dtype=np.int64))
+    held = np.array([(layer, int(e)) in cache for e in distinct], bool)
+    return np.concatenate([distinct[held], distinct[~held]])
 
 
 class ExpertCache:

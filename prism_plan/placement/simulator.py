@@ -26,116 +26,15 @@ import numpy as np
 
 from prism_plan.errors import PrismError
 from prism_plan.fileio import loaded, write_text_atomic
-from prism_plan.placement.checks import integer
 from prism_plan.placement.cluster import ClusterSpec
-from prism_plan.placement.model import ModelSpec
+from prism_plan.placement.offload_replay import OffloadReplay, replay_offload
 from prism_plan.placement.plan import Plan
+from prism_plan.placement.workload import (CostModel, RequestTimes, Workload, check_concurrency,  # noqa: F401
+                                           fifo_finish, pair_records, prepare_workload, request_times)
 from prism_plan.progress import track
+from prism_plan.traces.prefetch import NextLayerPredictor
+from prism_plan.traces.tables import ActivationTables
 from prism_plan.traces.trace import Trace
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """What moving and computing tokens costs.
-
-    latency: [servers, servers] seconds per message; bandwidth: [servers, servers] bytes/s (inf on the diagonal);
-    flops: [servers] FLOP/s of expert compute; token_bytes: one hidden state (bytes); expert_flops: FLOPs of
-    one token in one expert.
-    """
-
-    latency: np.ndarray
-    bandwidth: np.ndarray
-    flops: np.ndarray
-    token_bytes: int
-    expert_flops: int
-
-    @classmethod
-    def of(cls, cluster: ClusterSpec, model: ModelSpec) -> "CostModel":
-        return cls(cluster.latency, cluster.bandwidth, cluster.flops, model.token_bytes, model.expert_flops)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A trace cut into batch steps, ready for replay.
-
-    origin: [tokens] int, index into `origins`; home: [origins] server index; step: [tokens] batch step;
-    experts: [tokens, layers, top_k] int; pair_step, pair_origin, pair_decode, pair_request: one entry per
-    (request, step) the request takes part in; pairs: [steps, origins] float, how many requests of each origin
-    take part in each step (the weights of the mean request latency).
-    """
-
-    origins: tuple[str, ...]
-    home: np.ndarray
-    origin: np.ndarray
-    step: np.ndarray
-    experts: np.ndarray
-    num_steps: int
-    num_requests: int
-    request_origin: np.ndarray
-    request_id: np.ndarray
-    request_tokens: np.ndarray
-    pair_step: np.ndarray
-    pair_origin: np.ndarray
-    pair_decode: np.ndarray
-    pair_request: np.ndarray
-    pairs: np.ndarray
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.origin)
-
-
-def check_concurrency(concurrency: int) -> int:
-    """`concurrency`, once it is an integer of at least 1 (a PrismError naming it otherwise)."""
-    return integer(concurrency, "`concurrency`", low=1, fix="batch at least one request per origin and step",
-                   parameters=("concurrency",))
-
-
-def prepare_workload(trace, origins: tuple[str, ...], home: np.ndarray, concurrency: int = 1) -> Workload:
-    """Cut `trace` (a Trace with tokens) into batch steps: each origin runs its requests in id order,
-    `concurrency` (checked by `check_concurrency`) at a time; prefill is one step, each decode token one more.
-    origins/home: the origin names routing is indexed by and their servers."""
-    if not trace.num_tokens:  # every figure of the replay would be 0 / 0
-        raise PrismError("the trace holds no tokens, so there is nothing to replay; pass a `trace` with tokens",
-                         parameters=("trace",))
-    index = {o: i for i, o in enumerate(origins)}
-    missing = [o for o in trace.origins if o not in index]
-    if missing:
-        raise PrismError(f"trace origin(s) {missing} are not in the plan (it routes {list(origins)}); solve "
-                         f"with tables that include them")
-    origin = np.array([index[o] for o in trace.origins], dtype=np.int64)[trace.origin]
-    n = len(origin)
-    # One id per request (origin, request), ranked by request id within its origin.
-    req_keys = np.stack([origin, trace.request.astype(np.int64)], axis=1)
-    uniq, req = np.unique(req_keys, axis=0, return_inverse=True) if n else (np.zeros((0, 2), np.int64),
-                                                                             np.zeros(0, np.int64))
-    req = req.reshape(-1)
-    first_of_origin = np.searchsorted(uniq[:, 0], uniq[:, 0], side="left")
-    rank = np.arange(len(uniq)) - first_of_origin
-    round_of_req = rank // concurrency
-    # Decode tokens of a request, in position order, are its decode steps 1, 2, ...
-    order = np.lexsort((trace.position, req))
-    dec = trace.decode[order].astype(np.int64)
-    cum = np.cumsum(dec)
-    starts = np.searchsorted(req[order], req[order], side="left")
-    before = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0)
-    dindex = np.empty(n, np.int64)
-    dindex[order] = np.where(dec == 1, cum - before, 0)
-    key = round_of_req[req] * (int(dindex.max(initial=0)) + 1) + dindex
-    steps, step = np.unique(key, return_inverse=True)
-    step = step.reshape(-1)
-    # (request, step) pairs: a request's prefill tokens share one step, each decode token has its own.
-    pair_keys = np.unique(req * len(steps) + step)
-    pair_request, pair_step = pair_keys // max(len(steps), 1), pair_keys % max(len(steps), 1)
-    decode_of_step = np.zeros(len(steps), bool)
-    decode_of_step[step] = dindex > 0
-    pair_origin = uniq[pair_request, 0] if n else np.zeros(0, np.int64)
-    pairs = np.zeros((len(steps), len(origins)))
-    np.add.at(pairs, (pair_step, pair_origin), 1.0)
-    return Workload(tuple(origins), np.asarray(home, np.int64), origin, step,
-                    trace.experts.astype(np.int64), len(steps), len(uniq), uniq[:, 0], uniq[:, 1],
-                    np.bincount(req, minlength=len(uniq)), pair_step, pair_origin, decode_of_step[pair_step],
-                    pair_request, pairs)
 
 
 @dataclass
@@ -151,20 +50,6 @@ class LayerReplay:
     trips: np.ndarray
     activations: np.ndarray
     busy: np.ndarray
-
-
-def fifo_finish(release: np.ndarray, work: np.ndarray, axis: int) -> np.ndarray:
-    """Completion time of each job on one machine that serves jobs in release order, without idling while a
-    job waits. release, work: same shape, seconds; jobs lie along `axis`."""
-    order = np.argsort(release, axis=axis, kind="stable")
-    r = np.take_along_axis(release, order, axis=axis)
-    p = np.take_along_axis(work, order, axis=axis)
-    done = np.cumsum(p, axis=axis)
-    # The i-th job ends at max over j <= i of (r_j + work of jobs j..i).
-    finish = np.maximum.accumulate(r - (done - p), axis=axis) + done
-    out = np.empty_like(finish)
-    np.put_along_axis(out, order, finish, axis=axis)
-    return out
 
 
 def replay_layer(w: Workload, serve: np.ndarray, costs: CostModel) -> LayerReplay:
@@ -203,7 +88,7 @@ def layer_traffic(w: Workload, rep: LayerReplay, costs: CostModel) -> float:
 
 
 @dataclass
-class SimulationResult:
+class SimulationResult(RequestTimes):
     """What a replay measured.
 
     requests: per request (origin, request id, tokens, ttft_s, tpot_s (nan without decode steps));
@@ -211,13 +96,6 @@ class SimulationResult:
     column; layer_seconds: [layers] mean request latency spent in each layer; memory_bytes: [servers].
     """
 
-    servers: tuple[str, ...]
-    origins: tuple[str, ...]
-    request_origin: np.ndarray
-    request_id: np.ndarray
-    request_tokens: np.ndarray
-    ttft: np.ndarray
-    tpot: np.ndarray
     server_activations: np.ndarray
     server_busy: np.ndarray
     link_bytes: np.ndarray
@@ -265,15 +143,11 @@ class SimulationResult:
         """Everything, as plain data for JSON."""
         return {
             "summary": self.summary(), "servers": list(self.servers),
-            "requests": [{"origin": self.origins[o], "request": int(r), "tokens": int(n), "ttft_s": float(a),
-                          "tpot_s": None if np.isnan(b) else float(b)}
-                         for o, r, n, a, b in zip(self.request_origin, self.request_id, self.request_tokens,
-                                                  self.ttft, self.tpot)],
+            "requests": self.request_records(),
             "server": {s: {"activations": float(a), "busy_s": float(b), "memory_bytes": int(m)}
                        for s, a, b, m in zip(self.servers, self.server_activations, self.server_busy,
                                              self.memory_bytes)},
-            "link_bytes": {f"{a}->{b}": float(self.link_bytes[i, j]) for i, a in enumerate(self.servers)
-                           for j, b in enumerate(self.servers) if i != j},
+            "link_bytes": pair_records(self.servers, self.link_bytes),
             "layer_seconds": self.layer_seconds.tolist(),
         }
 
@@ -305,24 +179,44 @@ def replay(w: Workload, routing: np.ndarray, costs: CostModel, quiet: bool = Tru
 
 
 def simulate(plan: Plan | str | Path, trace: Trace | str | Path, cluster: ClusterSpec | str | Path, *,
-             concurrency: int = 1, quiet: bool = True) -> SimulationResult:
+             concurrency: int = 1, schedule: bool = False, prefetch: int = 0,
+             prefetch_tables: ActivationTables | str | Path | None = None,
+             quiet: bool = True) -> SimulationResult | OffloadReplay:
     """Replay `trace` through `plan` on `cluster` (each an object or its file), `concurrency` requests per
-    origin batched in one step."""
+    origin batched in one step.
+
+    A plan with an offload tier replays through its caches and slow tiers (`replay_offload`, an OffloadReplay
+    back): schedule: pick each group's server at run time from the cache state (Sirius' rule); prefetch:
+    experts each server loads ahead per layer, predicted from the transitions of `prefetch_tables` (the tables
+    the plan was made from)."""
     start = time.perf_counter()
     concurrency = check_concurrency(concurrency)
     plan, trace, cluster = loaded(plan, Plan), loaded(trace, Trace), loaded(cluster, ClusterSpec)
+    prefetch_tables = loaded(prefetch_tables, ActivationTables)
     plan.check_cluster(cluster)
     plan.model.check_same_shape(trace.meta, "the trace", "replay a `trace` of the plan's model", ("trace",))
+    if plan.offload is None and (schedule or prefetch):
+        raise PrismError("`schedule` and `prefetch` act on experts loaded from slow tiers, and this plan pins every "
+                         "expert: replay it without them, or plan for a cluster with `load_gbps`",
+                         parameters=("schedule", "prefetch"))
+    if prefetch and prefetch_tables is None:
+        raise PrismError("`prefetch` predicts from cross-layer transitions: pass `prefetch_tables`, the tables the "
+                         "plan was made from", parameters=("prefetch_tables",))
     w = prepare_workload(trace, plan.origins, cluster.homes(list(plan.origins)), concurrency)
     costs = CostModel.of(cluster, plan.model)
+    if plan.offload is not None:
+        if prefetch_tables is not None and (tuple(prefetch_tables.layers), prefetch_tables.num_experts) != \
+                (tuple(plan.model.layers), plan.model.num_experts):
+            raise PrismError(f"the prefetch tables are for layers {list(prefetch_tables.layers)[:4]}... x "
+                             f"{prefetch_tables.num_experts} experts, the plan's model {plan.model.name!r} has "
+                             f"{list(plan.model.layers)[:4]}... x {plan.model.num_experts}: pass the tables the plan "
+                             f"was made from", parameters=("prefetch_tables",))
+        predictor = NextLayerPredictor.from_tables(prefetch_tables) if prefetch else None
+        return replay_offload(w, plan.hosted, plan.routing, plan.offload, costs, plan.model.layer_bytes,
+                              cluster.load_bandwidth, cluster.load_latency, schedule=schedule, predictor=predictor,
+                              prefetch=prefetch, servers=tuple(plan.servers), quiet=quiet)
     step_time, layer_seconds, link, acts, busy, local = replay(w, plan.routing, costs, quiet)
-    per_pair = step_time[w.pair_step, w.pair_origin]
-    r_n = w.num_requests
-    ttft = np.bincount(w.pair_request, weights=np.where(w.pair_decode, 0.0, per_pair), minlength=r_n)
-    n_dec = np.bincount(w.pair_request, weights=w.pair_decode.astype(float), minlength=r_n)
-    dec_sum = np.bincount(w.pair_request, weights=np.where(w.pair_decode, per_pair, 0.0), minlength=r_n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(n_dec > 0, dec_sum / n_dec, np.nan)
+    ttft, tpot = request_times(w, step_time)
     return SimulationResult(tuple(plan.servers), tuple(plan.origins), w.request_origin, w.request_id,
                             w.request_tokens, ttft, tpot, acts, busy, link, layer_seconds, plan.memory_bytes(),
                             local, w.num_tokens, w.num_tokens * w.experts.shape[1], time.perf_counter() - start)

@@ -19,7 +19,7 @@ from prism_plan.placement.offload import Offload
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.objectives import Objective, get_objective, relative_gap
 from prism_plan.solvers.coverage import nearest_layout
-from prism_plan.solvers.problem import PlacementProblem, Solution, check_feasible, placement_fits
+from prism_plan.solvers.problem import PlacementProblem, Solution, check_feasible, placement_fits, with_offload
 from prism_plan.solvers.repair import repair_coverage
 
 
@@ -112,9 +112,10 @@ class Solver(ABC):
             raise PrismError(f"solver {self.name!r} plans serving layouts: add a [layout] table with slots_per_layer "
                              f"to the cluster file, or pass another `solver`", parameters=("solver",))
         if self.needs_offload and problem.offload is None:
-            raise PrismError(f"solver {self.name!r} plans clusters whose GPUs cannot hold the model (servers with "
-                             f"`load_gbps` and less memory than one copy); pass another `solver`",
-                             parameters=("solver",))
+            if problem.cluster is None or not problem.cluster.has_slow_tier:
+                raise PrismError(f"solver {self.name!r} loads experts from slow tiers: give the servers `load_gbps` "
+                                 f"in the cluster file, or pass another `solver`", parameters=("solver",))
+            problem = with_offload(problem)  # a baseline even where the model fits
         check_feasible(problem)
         deadline = Deadline(self.time_limit)
         if problem.offload is not None:

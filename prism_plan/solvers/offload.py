@@ -31,7 +31,7 @@ from prism_plan.solvers.base import Solver
 from prism_plan.solvers.coverage import solve_flow
 from prism_plan.solvers.deadline import Deadline
 from prism_plan.solvers.objectives import Objective, proven_status
-from prism_plan.solvers.problem import PlacementProblem, Solution
+from prism_plan.solvers.problem import PlacementProblem, Solution, with_offload
 
 OBJECTIVES = ("latency", "coverage")
 # The multi-copy MILP is built up to this many variables (servers^2 x cells dominate) and given at most this many
@@ -61,8 +61,9 @@ def cache_slots(problem: PlacementProblem) -> int:
 CACHE_SHARE = 0.25
 
 
-def cache_bytes(problem: PlacementProblem, slots: int) -> np.ndarray:
-    """bytes: [servers] int64, a cache of `slots` of the largest experts on every server that can load, within
+def cache_bytes(problem: PlacementProblem, slots: int | np.ndarray) -> np.ndarray:
+    """bytes: [servers] int64, a cache of `slots` (one number or [servers]) of the largest experts on every
+    server that can load, within
     CACHE_SHARE of its memory but room for one expert at least (0 on servers without a slow tier or memory for
     one expert)."""
     biggest = int(problem.layer_bytes.max())
@@ -210,54 +211,83 @@ def offload_bound(problem: PlacementProblem, objective: str, load: np.ndarray, r
     return float(floor.sum() - (flat * kept).sum()) / max(problem.offload.requests, 1.0)
 
 
+def expected_loads(problem: PlacementProblem, hosted: np.ndarray, route: np.ndarray) -> np.ndarray:
+    """[servers] experts each server loads per batch step and layer, on average, under routing `route`
+    ([servers, layers, experts] the serving server of each origin server's activations)."""
+    s_n, l_n, _ = problem.shape
+    loads = ~_pinned_served(hosted, route) & (problem.offload.touches > 0)
+    per_server = np.bincount(route[loads], weights=problem.offload.touches[loads], minlength=s_n)
+    return per_server / max(problem.offload.steps * l_n, 1.0)
+
+
+def _pins(problem: PlacementProblem, alone: bool, cache: np.ndarray, load: np.ndarray,
+          remote: np.ndarray) -> np.ndarray:
+    """[servers, layers, experts] bool, the pins beside caches of `cache` bytes: each server's own hottest
+    (`alone`), else the flow."""
+    n_slots = pin_slots(problem, cache)
+    if alone:
+        return _own_hottest(load, n_slots, problem)
+    return best_pins(problem, pin_savings(problem, load, remote), n_slots)
+
+
+def _routes(problem: PlacementProblem, objective: str, alone: bool, hosted: np.ndarray, stored: np.ndarray,
+            cache: np.ndarray, load: np.ndarray, remote: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(routing, cost) as `cheapest_routing`; alone, every server serves its own origins."""
+    if not alone:
+        return cheapest_routing(problem, objective, hosted, stored, cache, load, remote)
+    missing = ~(hosted | stored)
+    if missing.any():
+        s, l, e = np.argwhere(missing)[0]
+        raise PrismError(f"server {problem.server_names[s]} alone cannot serve expert {e} of layer index {l}: its "
+                         f"slow tier does not hold it; give it host memory for the whole model",
+                         parameters=("cluster",))
+    route = np.broadcast_to(np.arange(problem.shape[0])[:, None, None], problem.shape).copy()
+    return route, np.where(hosted, 0.0, load)
+
+
 def plan_offload(problem: PlacementProblem, objective: str, deadline: Deadline, *, alone: bool = False,
-                 slots: int | None = None) -> Solution:
+                 slots: int | np.ndarray | None = None) -> Solution:
     """Pins, cache sizes, slow-tier contents and routing for a problem with `offload` terms.
 
     alone: every server serves its own origins only, pinning what they use most and loading the rest (the
-    in-situ swapping baseline); slots: experts each cache holds (default `cache_slots`).
+    in-situ swapping baseline). slots: experts of the largest size each cache holds, one number or [servers]
+    (default: room for the experts a server loads in one batch step and layer, on average, plus the next
+    layer's prefetch of `cache_slots`; one expert where slow tiers hold part of the model, since pins must
+    then cover the rest).
     """
     check_objective(objective)
-    if slots is None:
-        slots = cache_slots(problem)
-        if np.isfinite(problem.offload.host_budget).any():  # slow tiers that hold part of the model need pins
-            slots = 1
-    cache = cache_bytes(problem, slots)
     load, remote = option_costs(problem, objective)
-    n_slots = pin_slots(problem, cache)
     if alone:
         remote = np.where(np.eye(problem.shape[0], dtype=bool), 0.0, np.inf)
-        hosted = _own_hottest(load, n_slots, problem)
-    else:
-        hosted = best_pins(problem, pin_savings(problem, load, remote), n_slots)
+    limited = bool(np.isfinite(problem.offload.host_budget).any())
+    cache = cache_bytes(problem, slots if slots is not None else 1 if limited else cache_slots(problem))
+    hosted = _pins(problem, alone, cache, load, remote)
     stored = slow_tier_contents(problem, hosted, load)
+    if slots is None and not limited:  # size each cache by what the first plan loads there, and plan again
+        route, _ = _routes(problem, objective, alone, hosted, stored, cache, load, remote)
+        wanted = cache_slots(problem) + np.ceil(expected_loads(problem, hosted, route)).astype(np.int64)
+        cache = cache_bytes(problem, wanted)
+        hosted = _pins(problem, alone, cache, load, remote)
+        stored = slow_tier_contents(problem, hosted, load)
     bound, weak = offload_bound(problem, objective, load, remote), True
     if objective == "coverage" and not alone:
         bound, weak = None, False  # the flow is the optimum; its value is the bound, set below
     elif not alone and _milp_size(problem) <= MAX_MILP_VARIABLES and not deadline.expired():
-        route, _ = cheapest_routing(problem, objective, hosted, stored, cache, load, remote)
-        better, milp_bound = pin_milp(problem, hosted, route, stored, cache, load, remote, n_slots, deadline)
+        route, _ = _routes(problem, objective, alone, hosted, stored, cache, load, remote)
+        better, milp_bound = pin_milp(problem, hosted, route, stored, cache, load, remote,
+                                      pin_slots(problem, cache), deadline)
         if better is not None:
             hosted = better
             stored = slow_tier_contents(problem, hosted, load)
         if milp_bound is not None:
             bound, weak = max(bound, milp_bound), False
-    if alone:  # a server alone loads only from its own slow tier
-        route = np.broadcast_to(np.arange(problem.shape[0])[:, None, None], problem.shape).copy()
-        missing = ~(hosted | stored)
-        if missing.any():
-            s, l, e = np.argwhere(missing)[0]
-            raise PrismError(f"server {problem.server_names[s]} alone cannot serve expert {e} of layer index {l}: "
-                             f"its slow tier does not hold it; give it host memory for the whole model",
-                             parameters=("cluster",))
-        cost = np.where(hosted, 0.0, load)
-    else:
-        route, cost = cheapest_routing(problem, objective, hosted, stored, cache, load, remote)
+    route, cost = _routes(problem, objective, alone, hosted, stored, cache, load, remote)
     value = offload_value(problem, objective, cost, route, hosted)
     bound = value if bound is None else bound
     status = "heuristic" if alone else proven_status(value, bound, maximize=objective == "coverage")
-    extra = {"cache_slots": int(slots),
-             "pinned_cells": int(hosted.sum()), "value": value, "measure": MEASURES[objective]}
+    biggest = int(problem.layer_bytes.max())
+    extra = {"cache_slots": (cache // biggest).tolist(), "pinned_cells": int(hosted.sum()), "value": value,
+             "measure": MEASURES[objective]}
     return Solution(hosted, status, bound, route, extra, weak_bound=weak, offload=Offload(cache, stored))
 
 
@@ -332,7 +362,8 @@ def _own_hottest(load: np.ndarray, slots: np.ndarray, problem: PlacementProblem)
 
 class SwapSolver(Solver):
     """Every server alone: pins what its own origins use most and swaps the rest in from its own slow tier (the
-    in-situ swapping that Sirius improves on); only for clusters whose GPUs cannot hold the model."""
+    in-situ swapping that Sirius improves on); for clusters with slow tiers, whether or not the GPUs could
+    hold the model."""
 
     name = "swap"
     objectives = OBJECTIVES
@@ -350,6 +381,7 @@ def offload_metrics(problem: PlacementProblem, hosted: np.ndarray, routing: np.n
     loaded_share: activations whose serving server loads the expert; pinned_remote_share: served from a pinned
     copy on another server; loads_per_request: loads the plan's routing implies per request (the model: one per
     batch and layer that uses the cell); cache_bytes and pinned_bytes per server."""
+    problem = with_offload(problem)
     w = problem.weight
     total = float(w.sum()) or 1.0
     pinned = _pinned_served(hosted, routing)

@@ -26,13 +26,15 @@ class OffloadTerms:
     load_seconds: [servers, layers] seconds one load of an expert of the layer takes from the server's slow tier
     (inf without one); host_budget: [servers] bytes each slow tier holds (inf: the whole model, 0: none);
     touches: [servers, layers, experts] batches at the server's origins that use each expert (a batch loads an
-    expert once per layer); requests: requests behind `touches`.
+    expert once per layer); requests: requests behind `touches`; steps: batch steps they run in (all origins'
+    batches of a step run at the same time).
     """
 
     load_seconds: np.ndarray
     host_budget: np.ndarray
     touches: np.ndarray
     requests: float
+    steps: float
 
 
 @dataclass(frozen=True)
@@ -180,9 +182,15 @@ def build_problem(tables: ActivationTables, cluster: ClusterSpec, model: ModelSp
                                float(tables.tokens.sum()), workload, tables, cluster, model, homes, cluster.layout,
                                cluster.node_index if cluster.has_nodes else None)
     if cluster.has_slow_tier and memory_shortfall(problem) > 0:
-        problem = replace(problem, offload=offload_terms(problem))
+        problem = with_offload(problem)
     check_feasible(problem)
     return problem
+
+
+def with_offload(problem: PlacementProblem) -> PlacementProblem:
+    """`problem` with its offload terms, computed for it where it has none (a baseline that swaps experts on a
+    cluster whose GPUs could hold them)."""
+    return problem if problem.offload is not None else replace(problem, offload=offload_terms(problem))
 
 
 def offload_terms(problem: PlacementProblem) -> OffloadTerms:
@@ -199,7 +207,7 @@ def offload_terms(problem: PlacementProblem) -> OffloadTerms:
         cell = ((w.step * s_n + server)[:, None, None] * l_n + np.arange(l_n)[None, :, None]) * e_n + w.experts
         used = np.unique(cell.ravel()) % (s_n * l_n * e_n)
         touches = np.bincount(used, minlength=s_n * l_n * e_n).reshape(s_n, l_n, e_n).astype(float)
-        requests = float(w.num_requests)
+        requests, steps = float(w.num_requests), float(w.num_steps)
     else:
         spans = tables.meta.get("requests") or {}
         count = np.array([sum(b - a + 1 for a, b in spans.get(o, [])) or t for o, t in
@@ -210,8 +218,8 @@ def offload_terms(problem: PlacementProblem) -> OffloadTerms:
         used = count[:, None, None] * -np.expm1(per_request[:, None, None] * np.log1p(-np.minimum(rate, 1 - 1e-12)))
         touches = np.zeros(problem.shape)
         np.add.at(touches, problem.homes, used)
-        requests = float(count.sum())
-    return OffloadTerms(load, cluster.host_budgets, touches, requests)
+        requests, steps = float(count.sum()), float(count.max(initial=1.0))
+    return OffloadTerms(load, cluster.host_budgets, touches, requests, steps)
 
 
 def _span(layers: tuple[int, ...]) -> str:
