@@ -15,8 +15,10 @@ from prism_plan.cli_options import (CLUSTER, CLUSTER_FILE, CONCURRENCY, FILE, Fi
                                     Output, outputs, PLAN, POSITIVE_SECONDS, ResumableCommand, say)
 from prism_plan.cli_profile import profile
 from prism_plan.errors import Interrupted, PrismError
+from prism_plan.executor.calibrate import DTYPES as CALIBRATION_DTYPES, calibrate_ranks
 from prism_plan.executor.launch import apply_plan, launch
-from prism_plan.messages import (describe_export, describe_offload_replay, describe_migration, describe_plan, describe_rank,
+from prism_plan.fileio import write_text_atomic
+from prism_plan.messages import (describe_calibration, describe_export, describe_offload_replay, describe_migration, describe_plan, describe_rank,
                                  describe_ranks, describe_simulation, migration_summary)
 from prism_plan.pipeline import migrate_placement, solve_placement
 from prism_plan.placement.cluster import GIB, load_cluster
@@ -27,6 +29,7 @@ from prism_plan.progress import spinner
 from prism_plan.report import write_report
 from prism_plan.solvers import BACKENDS, OBJECTIVES, SOLVERS
 from prism_plan.studies.comparison import format_rows
+from prism_plan.studies.bundled import BUNDLED_MODEL
 from prism_plan.studies.quickstart import run_quickstart
 
 
@@ -172,6 +175,36 @@ def apply(plan, cluster, moves, checkpoint, journal, timeout, as_json, nproc) ->
         return
     s = apply_plan(plan, cluster, moves=moves, checkpoint=checkpoint, journal_dir=journal, timeout_s=timeout)
     click.echo(json.dumps(s) if as_json else describe_rank(s))
+
+
+@cli.command()
+@click.option("--model", type=MODEL, default=BUNDLED_MODEL, show_default=True,
+              help="Preset, config.json or model folder whose expert shape to measure.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the experts compute and load to.")
+@click.option("--dtype", type=click.Choice(CALIBRATION_DTYPES), help="[default: the model's]")
+@click.option("--name", help="Server name [default: the host name; with several ranks, NAME-RANK].")
+@click.option("--origins", help="Request sources arriving at the server, comma-separated (with several ranks, one "
+              "per rank in rank order) [default: the server's name].")
+@click.option("--nproc", type=click.IntRange(min=2), help="Start this many local ranks and measure the links "
+              "between them too (under torchrun every rank runs calibrate itself).")
+@click.option("--time-limit", type=POSITIVE_SECONDS, help="Seconds for the measurements [default: no limit].")
+@click.option("--timeout", type=Finite(min=1), default=300.0, show_default=True,
+              help="Seconds before a rank that does not answer fails the run.")
+@outputs("Cluster snippet to write (.toml): [[server]] entries, and [[link]] entries between ranks.")
+def calibrate(model, device, dtype, name, origins, nproc, time_limit, timeout, output, quiet, as_json) -> None:
+    """Measure this machine (expert compute, slow tier -> device loads, links between ranks) for the cluster file."""
+    with spinner(f"calibrating ({device})", quiet) as step:
+        cal = calibrate_ranks(model, nproc=nproc, device=device, dtype=dtype, name=name, time_limit=time_limit,
+                              origins=None if origins is None else origins.split(","), timeout_s=timeout)
+        if cal.rank in (None, 0):
+            step(f"writing {output}")
+            write_text_atomic(output, cal.to_toml())
+    s = cal.summary()
+    if as_json and cal.rank is not None:  # one line per rank, as `apply` prints them
+        click.echo(json.dumps({"path": str(output), **s}))
+        return
+    say(as_json, {"path": str(output), **s}, describe_calibration(s, output))
 
 
 @cli.command()

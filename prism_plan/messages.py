@@ -181,3 +181,18 @@ def describe_export(s: dict) -> list[str]:
                                                                 for srv, n in padded.items()))
     return lines
 
+
+def describe_calibration(s: dict, path) -> list[str]:
+    """What calibrate measured (a Calibration.summary()), server by server and link by link."""
+    where = f"wrote {path}" if s["rank"] in (None, 0) else f"rank {s['rank']}: measured (rank 0 writes {path})"
+    lines = [f"{where}: {len(s['servers'])} server(s), {s['model']} experts ({human_bytes(s['expert_bytes'])}, "
+             f"{s['dtype']}) on {s['device']} in {s['seconds']:.1f} s"]
+    for v in s["servers"]:
+        curve = ", ".join(f"{p['tflops']:.3g}" for p in v["curve"])
+        tokens = "/".join(str(p["tokens"]) for p in v["curve"])
+        lines.append(f"  {v['name']} ({v['host']}, {v['device']}): compute {v['compute_tflops']:.4g} TFLOP/s "
+                     f"(at {tokens} tokens per call: {curve}); loads {v['load_gbps'] / 8:.4g} GB/s after "
+                     f"{v['load_latency_ms']:.3g} ms; {v['memory_gib']:.2f} GiB free for experts")
+    lines += [f"  link {k['a']} - {k['b']}: {k['bandwidth_gbps']:.4g} Gbit/s, {k['latency_ms']:.3g} ms"
+              for k in s["links"]]
+    return lines
