@@ -74,9 +74,9 @@ class DistributedMoE:
         out = torch.zeros_like(x)
         for e in self._order(layer_index, ids[ids >= 0]):
             rows, slots = np.nonzero(ids == e)
-            r = torch.as_tensor(rows)
+            r = torch.as_tensor(rows, device=x.device)
             y = self._holder(layer_index, int(e)).forward((self.layers[layer_index], int(e)), x[r]).to(x.dtype)
-            out.index_add_(0, r, y * w[r, torch.as_tensor(slots)].unsqueeze(-1).to(x.dtype))
+            out.index_add_(0, r, y * w[r, torch.as_tensor(slots, device=x.device)].unsqueeze(-1).to(x.dtype))
         return out
 
     def _order(self, layer_index: int, experts: np.ndarray) -> np.ndarray:
@@ -101,10 +101,11 @@ class DistributedMoE:
         ids = np.asarray(ids)
         serve = self.routing[np.asarray(origin)[:, None], layer_index, ids] if len(ids) else ids  # [tokens, k]
         need = [(serve == d).any(axis=1) if d != self.rank else np.zeros(len(ids), bool) for d in range(self.world)]
-        counts = torch.tensor([int(n.sum()) for n in need], dtype=torch.int64)
-        table = [torch.zeros(self.world, dtype=torch.int64) for _ in range(self.world)]
+        dev = hidden.device  # every tensor sent or gathered lives there: NCCL carries CUDA tensors only
+        counts = torch.tensor([int(n.sum()) for n in need], dtype=torch.int64, device=dev)
+        table = [torch.zeros(self.world, dtype=torch.int64, device=dev) for _ in range(self.world)]
         self.group.all_gather(table, counts)
-        table = torch.stack(table).numpy()  # [src, dst] tokens travelling
+        table = torch.stack(table).cpu().numpy()  # [src, dst] tokens travelling
         self.control_bytes[self.rank] += np.where(np.arange(self.world) == self.rank, 0, counts.numel() * 8)
         k, h = ids.shape[1] if ids.ndim == 2 else 0, hidden.shape[1]
         # Phase 1: hidden states, expert ids (-1 where another server serves) and weights out; tags keep the
@@ -112,16 +113,17 @@ class DistributedMoE:
         ops, received = [], {}
         for d in range(self.world):
             if d != self.rank and table[self.rank, d]:
-                rows = torch.as_tensor(np.nonzero(need[d])[0])
+                rows = torch.as_tensor(np.nonzero(need[d])[0], device=dev)
                 sel = serve[need[d]] == d
-                out_msgs = (hidden[rows], torch.as_tensor(np.where(sel, ids[need[d]], -1)),
-                            weights[rows] * torch.as_tensor(sel))
+                out_msgs = (hidden[rows], torch.as_tensor(np.where(sel, ids[need[d]], -1), device=dev),
+                            weights[rows] * torch.as_tensor(sel, device=dev))
                 ops += [dist.P2POp(dist.isend, m.contiguous(), d, tag=i) for i, m in enumerate(out_msgs)]
                 self._count(self.rank, d, hidden[rows], weights[rows], k)
             if d != self.rank and table[d, self.rank]:
                 n = int(table[d, self.rank])
-                bufs = (torch.empty((n, h), dtype=hidden.dtype), torch.empty((n, k), dtype=torch.int64),
-                        torch.empty((n, k), dtype=weights.dtype))
+                bufs = (torch.empty((n, h), dtype=hidden.dtype, device=dev),
+                        torch.empty((n, k), dtype=torch.int64, device=dev),
+                        torch.empty((n, k), dtype=weights.dtype, device=dev))
                 ops += [dist.P2POp(dist.irecv, b, d, tag=i) for i, b in enumerate(bufs)]
                 received[d] = bufs
         self.group.exchange(ops)
@@ -130,7 +132,7 @@ class DistributedMoE:
         sources = list(received)
         x = torch.cat([hidden] + [received[s][0] for s in sources])
         mine = np.concatenate([np.where(serve == self.rank, ids, -1).reshape(len(ids), k)] +
-                              [received[s][1].numpy() for s in sources])
+                              [received[s][1].cpu().numpy() for s in sources])
         y = self._experts_sum(layer_index, x, mine, torch.cat([weights] + [received[s][2] for s in sources]))
         out, ends = y[:len(ids)], np.cumsum([len(ids)] + [len(received[s][0]) for s in sources])
         ops, back = [], {}
@@ -139,11 +141,11 @@ class DistributedMoE:
             self.payload_bytes[self.rank, s] += (b - a) * h * y.element_size()
         for d in range(self.world):
             if d != self.rank and table[self.rank, d]:
-                back[d] = torch.empty((int(table[self.rank, d]), h), dtype=hidden.dtype)
+                back[d] = torch.empty((int(table[self.rank, d]), h), dtype=hidden.dtype, device=dev)
                 ops.append(dist.P2POp(dist.irecv, back[d], d, tag=3))
         self.group.exchange(ops)
         for d, yb in back.items():
-            out.index_add_(0, torch.as_tensor(np.nonzero(need[d])[0]), yb)
+            out.index_add_(0, torch.as_tensor(np.nonzero(need[d])[0], device=dev), yb)
         return out
 
     def _count(self, src: int, dst: int, x, w, k: int) -> None:
