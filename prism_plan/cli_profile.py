@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import click
 
-from prism_plan.cli_options import Counts, FILE, Group, MODEL, NO_WEIGHTS, outputs, say
+from prism_plan.cli_options import CLUSTER, Counts, FILE, Finite, Group, MODEL, NO_WEIGHTS, outputs, say
 from prism_plan.messages import describe_drift, describe_tables, describe_trace
+from prism_plan.studies.convergence import DEFAULT_STEPS, convergence, format_convergence, settled_step
 from prism_plan.traces.drift import write_drifting_workload
 from prism_plan.traces.importing import FORMATS, import_trace
 from prism_plan.traces.profiler import DEVICE_MAPS, DEVICES, DTYPES, MAX_BATCH_TOKENS, profile_model
-from prism_plan.traces.windows import UNITS, write_tables
+from prism_plan.traces.parallel import ENGINES, write_tables_of_files
+from prism_plan.traces.windows import UNITS
 
 
 @click.group(cls=Group)
@@ -81,16 +83,33 @@ def profile_import(src, fmt, model, output, quiet, as_json, origin, rank, counte
 
 
 @profile.command("tables")
-@click.argument("trace", type=FILE)
+@click.argument("trace", nargs=-1, required=True, metavar="TRACE...")
 @outputs("Tables to write (.npz); with --window, a folder for window-0000.npz, window-0001.npz, ... and "
          "manifest.json (replaced whole).", kind=None)
 @click.option("--window", type=click.IntRange(min=1), help="Cut the trace, in row order, into windows of this many "
-              "tokens (or requests, see --window-unit) and write tables per window [default: one table].")
+              "tokens (or requests, see --window-unit) and write tables per window [default: one table]. With "
+              "several files, window i sums window i of each (files recorded side by side, one per rank).")
 @click.option("--window-unit", type=click.Choice(UNITS), default="tokens", show_default=True, help="What --window counts.")
 @click.option("--no-pairs", is_flag=True, help="Skip co-activation and transition counts.")
-def profile_tables(trace, output, quiet, as_json, window, window_unit, no_pairs) -> None:
-    """Count activations per origin, layer and expert (and expert pairs) in a trace, whole or per window."""
-    written = write_tables(trace, output, window=window, unit=window_unit, pairs=not no_pairs, quiet=quiet)
+@click.option("--workers", type=click.IntRange(min=1), help="Processes building tables, one file each "
+              "[default: the core count].")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="Where the per-file builds run: local processes, or a Dask cluster (pip install "
+              "'prism-plan[dask]').")
+@click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://host:8786) for --engine dask "
+              "[default: a local cluster of --workers processes].")
+@click.option("--sample", type=Finite(min=0, max=1, min_open=True), help="Keep this fraction of each file's "
+              "requests [default: all].")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Keep at most this many tokens in all, split evenly "
+              "over the files [default: all].")
+def profile_tables(trace, output, quiet, as_json, window, window_unit, no_pairs, workers, engine, scheduler, sample,
+                   max_tokens) -> None:
+    """Count activations per origin, layer and expert (and expert pairs) in one or more traces (files, folders
+    of .parquet files or quoted glob patterns), whole or per window; several files are counted in parallel and
+    summed."""
+    written = write_tables_of_files(list(trace), output, window=window, unit=window_unit, pairs=not no_pairs,
+                                    workers=workers, engine=engine, scheduler=scheduler, fraction=sample,
+                                    max_tokens=max_tokens, quiet=quiet)
     summary = [{"path": str(path), **t.summary()} for path, t in written]
     say(as_json, summary if window is not None else summary[0], describe_tables(written))
 
@@ -109,3 +128,29 @@ def profile_drift(trace, output, quiet, as_json, windows, window_tokens, shift, 
     s = write_drifting_workload(trace, output, windows=windows, window_tokens=window_tokens, shift=shift, seed=seed,
                                 quiet=quiet)
     say(as_json, s, describe_drift(s))
+
+
+@profile.command("convergence")
+@click.argument("trace", type=FILE)
+@CLUSTER
+@click.option("--steps", default=",".join(f"{s:g}" for s in DEFAULT_STEPS), show_default=True,
+              help="Growing shares of the requests, comma-separated, ending at 1.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the request draws.")
+@click.option("--time-limit", type=Finite(min=0.001), help="Seconds per coverage solve [default: no limit].")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def profile_convergence(trace, cluster, steps, seed, time_limit, as_json) -> None:
+    """How much the top-k experts and the coverage plan still move as more of the trace's requests are counted:
+    when more routing stops changing the plan."""
+    try:
+        shares = tuple(float(x) for x in steps.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{steps!r} is not a comma-separated list of numbers", param_hint="--steps")
+    rows = convergence(trace, cluster, steps=shares, seed=seed, time_limit=time_limit)
+    settled = settled_step(rows)
+    if settled is not None and settled["step"] >= 1:
+        settled = None  # the whole trace matches itself: that is no sign of having enough
+    say(as_json, {"rows": rows, "settled": settled}, [format_convergence(rows), (
+        "the top-k experts (overlap >= 0.9) and the plan (>= 0.95 of its cells) settle from step "
+        f"{settled['step']:g} ({settled['tokens']:,} tokens)" if settled else
+        "the top-k experts and the plan still move before all the data: more routing may change the plan "
+        "(compare `cov. on full` with `best on full` for what that costs)")])

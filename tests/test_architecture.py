@@ -98,7 +98,8 @@ def test_every_option_says_what_it_is():
                 yield prefix + name, cmd
 
     names = [name for name, _ in commands(cli)]
-    assert names[:6] == ["profile run", "profile import", "profile tables", "profile drift", "solve", "migrate"]
+    assert names[:7] == ["profile run", "profile import", "profile tables", "profile drift", "profile convergence",
+                         "solve", "migrate"]
     for name, cmd in commands(cli):
         for p in cmd.params:
             if p.param_type_name == "option" and p.name != "help":

@@ -117,10 +117,10 @@ def _brief(v: object) -> str:
 
 
 def routing_ids(ids: np.ndarray, num_experts: int, where: str, fix: str, rows: Callable[[int], str] | None = None,
-                parameters: tuple[str, ...] = ()) -> np.ndarray:
-    """`ids` [tokens, ..., top_k] as int16, once no value is other than an integer in 0..num_experts - 1 and no
-    token names an expert twice among its top-k. rows(t): where token t is (" line 5"), for the message; fix:
-    what the user should do."""
+                parameters: tuple[str, ...] = (), distinct: bool = True) -> np.ndarray:
+    """`ids` [tokens, ..., top_k] as int16, once no value is other than an integer in 0..num_experts - 1 and
+    (with `distinct`) no token names an expert twice among its top-k. rows(t): where token t is (" line 5"),
+    for the message; fix: what the user should do."""
     def error(t: int, what: str) -> PrismError:
         return PrismError(f"{where}{rows(t) if rows else ''}: {what}; {fix}", parameters=parameters)
 
@@ -133,6 +133,8 @@ def routing_ids(ids: np.ndarray, num_experts: int, where: str, fix: str, rows: C
         value = ids[t].ravel()[((ids[t] < 0) | (ids[t] >= num_experts)).ravel()][0]
         raise error(int(t), f"expert id {value} is outside 0..{num_experts - 1}")
     k = ids.shape[-1]
+    if not distinct:
+        return ids.astype(np.int16, copy=False)
     twice = np.zeros(ids.shape[:-1], bool)
     for i in range(k):  # pairs of slots: k is small, and this keeps to array passes
         for j in range(i + 1, k):
@@ -327,7 +329,7 @@ def open_trace(path: str | Path) -> tuple[pq.ParquetFile, TraceMeta]:
     if path.is_dir():
         raise PrismError(f"{path} is a folder; give a trace file (.parquet)")
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False)  # row group by row group: memory stays flat
     except FileNotFoundError:
         raise MissingInputError(f"no trace file at {path}")
     except (pa.ArrowException, OSError) as e:
@@ -385,9 +387,11 @@ def _int_column(batch: pa.RecordBatch, name: str, hi: int, where: str) -> np.nda
     return values.astype(np.int64)
 
 
-def _from_batch(batch: pa.RecordBatch, meta: TraceMeta, origins: list[str], where: str, first_row: int) -> Trace:
+def _from_batch(batch: pa.RecordBatch, meta: TraceMeta, origins: list[str], where: str, first_row: int,
+                distinct: bool = True) -> Trace:
     """Convert one Arrow batch (rows first_row.. of the file), mapping its origin strings onto the growing list
-    `origins`; every value is checked, as it comes from a file."""
+    `origins`; every value is checked, as it comes from a file (that a token's top-k ids are distinct only
+    with `distinct`: a reader that checks it on its own way skips it)."""
     n = batch.num_rows
     shape = (n, len(meta.layers), meta.top_k)
     fix = "re-import the trace with prism-plan"
@@ -410,22 +414,24 @@ def _from_batch(batch: pa.RecordBatch, meta: TraceMeta, origins: list[str], wher
                 raise PrismError(f"{where}: column {col} has a null value; every token needs "
                                  f"{shape[1] * shape[2]} values")
             lists[col] = values.to_numpy(zero_copy_only=False).reshape(shape)
-    experts = routing_ids(lists["experts"], meta.num_experts, where, fix, rows=lambda t: f" row {first_row + t}")
+    experts = routing_ids(lists["experts"], meta.num_experts, where, fix, rows=lambda t: f" row {first_row + t}",
+                          distinct=distinct)
     weights = gate_weights(lists["weights"], where, fix) if "weights" in lists else None
     request = _int_column(batch, "request", INT64_MAX, where)
     position = _int_column(batch, "position", POSITION_MAX, where).astype(np.int32)
     return Trace(meta, tuple(origins), remap[idx], request, position, decode, experts, weights)
 
 
-def iter_trace(path: str | Path, batch_rows: int = 65536) -> Iterator[Trace]:
+def iter_trace(path: str | Path, batch_rows: int = 65536, *, distinct: bool = True) -> Iterator[Trace]:
     """Yield a trace file batch by batch; origin indices are consistent across batches (the `origins` of
-    later batches extend those of earlier ones)."""
+    later batches extend those of earlier ones). distinct=False leaves out the check that each token's top-k
+    ids are distinct, for readers that make it themselves (counting.count_batch)."""
     pf, meta = open_trace(path)
     origins: list[str] = []
     first = 0
     try:
         for batch in pf.iter_batches(batch_size=batch_rows):
-            yield _from_batch(batch, meta, origins, str(path), first)
+            yield _from_batch(batch, meta, origins, str(path), first, distinct)
             first += batch.num_rows
     except (pa.ArrowException, OSError) as e:  # a damaged page or row group
         raise PrismError(f"{path}: cannot read its rows ({reason(e)}); the file is damaged: write it again")

@@ -72,7 +72,7 @@ def window_tables(path: str | Path, size: int, unit: str = "tokens", pairs: bool
     """ActivationTables of each window of a trace file, in order; each carries meta["window"] with its index,
     unit, size, first token (0-based row) and token count."""
     first = 0
-    stream = track(iter_trace(path), f"counting activations in windows of {size} {unit}", quiet=quiet)
+    stream = track(iter_trace(path, distinct=False), f"counting activations in windows of {size} {unit}", quiet=quiet)
     for i, w in enumerate(iter_windows(stream, size, unit)):
         yield build_tables([w], pairs=pairs, window={"index": i, "unit": unit, "size": size, "first_token": first,
                                                     "tokens": w.num_tokens})

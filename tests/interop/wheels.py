@@ -79,17 +79,17 @@ def real_modules(dist: str, *modules: str, stand_ins: tuple[types.ModuleType, ..
     """Import `modules` (dotted names) from `dist`'s wheel; yield {name: module}.
 
     The parents of every module, and `packages`, are registered as empty packages over the wheel's folders,
-    so no `__init__.py` runs; `stand_ins` replace the modules of the same names. sys.modules is restored on
-    exit, so nothing leaks into other tests."""
+    so no `__init__.py` runs; `stand_ins` replace the modules of the same names. On exit the wheel's modules
+    and the stand-ins leave sys.modules, so nothing leaks into other tests."""
     root = source(dist)
+    names = set(packages)
+    for dotted in modules:
+        parts = dotted.split(".")
+        names.update(".".join(parts[:i]) for i in range(1, len(parts)))
     saved = dict(sys.modules)
     try:
         for m in stand_ins:
             sys.modules[m.__name__] = m
-        names = set(packages)
-        for dotted in modules:
-            parts = dotted.split(".")
-            names.update(".".join(parts[:i]) for i in range(1, len(parts)))
         for name in sorted(names, key=lambda n: n.count(".")):
             if name in sys.modules and name not in saved:
                 continue
@@ -100,8 +100,12 @@ def real_modules(dist: str, *modules: str, stand_ins: tuple[types.ModuleType, ..
         importlib.invalidate_caches()
         yield {dotted: importlib.import_module(dotted) for dotted in modules}
     finally:
+        # only the wheel's modules and the stand-ins go: a library imported lazily meanwhile (numba loads its
+        # parts on first compile, and registers them once per process) must stay
+        roots = {n.split(".")[0] for n in names | {m.__name__ for m in stand_ins}}
         for name in set(sys.modules) - set(saved):
-            del sys.modules[name]
+            if name.split(".")[0] in roots:
+                del sys.modules[name]
         sys.modules.update(saved)
 
 
