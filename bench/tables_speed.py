@@ -2,7 +2,7 @@
 (DeepSeek-V2-Lite: 26 MoE layers x top-6 of 64) and a DeepSeek-V3-shaped trace (58 layers x top-8 of 256) made
 here, with the numba kernels (when installed) and with numpy alone.
 
-Rows: reading the Parquet alone (every batch decoded to arrays, ids not checked); counting batches already in
+Rows: reading the Parquet alone (every batch decoded to arrays, ids checked for range only); counting batches already in
 memory, activations alone and with co-activation and transitions; `tables_from_trace` (read and count, the
 reading overlapped with the counting); and the whole `prism-plan profile tables` process (start-up, imports,
 read, count, write), with its peak resident memory.

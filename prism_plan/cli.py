@@ -18,8 +18,9 @@ from prism_plan.errors import Interrupted, PrismError
 from prism_plan.executor.calibrate import DTYPES as CALIBRATION_DTYPES, calibrate_ranks
 from prism_plan.executor.launch import apply_plan, launch
 from prism_plan.fileio import write_text_atomic
-from prism_plan.messages import (describe_calibration, describe_export, describe_offload_replay, describe_migration, describe_plan, describe_rank,
-                                 describe_ranks, describe_simulation, migration_summary)
+from prism_plan.messages import (describe_calibration, describe_export, describe_migration, describe_offload_replay,
+                                 describe_plan, describe_rank, describe_ranks, describe_simulation,
+                                 migration_summary)
 from prism_plan.pipeline import migrate_placement, solve_placement
 from prism_plan.placement.cluster import GIB, load_cluster
 from prism_plan.placement.export import export_plan, FORMATS as EXPORT_FORMATS

@@ -72,3 +72,35 @@ def test_bad_ids_name_the_row(use_numba, pairs, value, words):
     with pytest.raises(PrismError, match=words) as e:
         count_batch(origin, ids, 8, freq, coact, trans, where="t.parquet", first_row=100, use_numba=use_numba)
     assert "t.parquet row 117" in str(e.value)
+
+
+@pytest.mark.parametrize("use_numba", PATHS)
+def test_arrays_that_do_not_fit_are_refused_before_counting(use_numba):
+    rng = np.random.default_rng(2)
+    origin, ids = routing(rng, 20, 2, 8, 2, 2)
+    cases = [
+        (dict(freq=np.zeros((1, 2, 8), np.int64)), "origin"),  # origin 1 has no row in freq
+        (dict(freq=np.zeros((2, 2, 4), np.int64)), "freq"),  # fewer experts than ids may name
+        (dict(freq=np.zeros((2, 1, 8), np.int64)), "freq"),  # fewer layers
+        (dict(coact=np.zeros((2, 8, 8), np.int64)), "trans"),  # one of the pair tables alone
+        (dict(freq=np.zeros((2, 2, 8))), "int64"),
+    ]
+    for given, words in cases:
+        args = {"freq": np.zeros((2, 2, 8), np.int64), "coact": None, "trans": None, **given}
+        with pytest.raises(PrismError, match=words):
+            count_batch(origin, ids, 8, args["freq"], args["coact"], args["trans"], use_numba=use_numba)
+
+
+def test_windowed_tables_name_the_file_and_its_row(tmp_path):
+    from prism_plan.placement.model import ModelSpec
+    from prism_plan.traces.trace import Trace, TraceMeta
+    from prism_plan.traces.windows import window_tables
+
+    model = ModelSpec("tiny-count", layers=(0, 1), num_experts=8, top_k=2, expert_bytes=64, hidden_size=4)
+    origin, ids = routing(np.random.default_rng(3), 40, 2, 8, 2, 1)
+    ids[27, 1] = [5, 5]
+    path = tmp_path / "bad.parquet"
+    Trace(TraceMeta.for_model(model), ("a",), origin.astype(np.int32), np.arange(40) // 10,
+          np.arange(40, dtype=np.int32) % 10, np.zeros(40, bool), ids).save(path)
+    with pytest.raises(PrismError, match=f"{path} row 27: expert 5 appears twice"):
+        list(window_tables(path, 10))

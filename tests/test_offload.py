@@ -236,3 +236,11 @@ def test_cli_solves_and_simulates_esft_at_a_quarter_of_one_copy(tmp_path, capsys
     code = main(["simulate", "--plan", str(tmp_path / "swap.json"), "--trace", str(tmp_path / "held.parquet"),
                  "--cluster", str(tmp_path / "c.toml"), "--prefetch", "4"])
     assert code == 2 and "pass --prefetch-tables" in capsys.readouterr().err
+
+
+def test_a_server_without_a_slow_tier_is_named_when_the_model_does_not_fit(tables):
+    doc = {"defaults": {"bandwidth_gbps": 10.0, "latency_ms": 0.1},
+           "server": [{"name": "s0", "memory_gib": 0.25 * COPY / GIB, "origins": ["o0"]},
+                      {"name": "s1", "memory_gib": 0.25 * COPY / GIB, "origins": ["o1"], "load_gbps": 100.0}]}
+    with pytest.raises(InfeasibleError, match="s0 has no slow tier"):
+        solve_placement(tables, parse_cluster(doc, "m.toml"), MODEL, objective="latency")

@@ -235,7 +235,6 @@ def free_memory(device: str) -> int:
             info = dict(line.split(":", 1) for line in f)
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        import os
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
@@ -384,7 +383,6 @@ def _gather(group, item) -> list:
     group.store.set(f"prism/calibrate/{group.rank}", pickle.dumps(item))
     group.barrier()
     return [pickle.loads(group.store.get(f"prism/calibrate/{r}")) for r in range(group.world)]
-
 
 
 def calibrate_ranks(model: str, *, nproc: int | None = None, device: str = "cpu", dtype: str | None = None,

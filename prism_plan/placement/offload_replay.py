@@ -284,7 +284,8 @@ def _prefetch(tier: _Tier, predictor: NextLayerPredictor, budget: int, home_of_t
     if latency is not None:
         near |= 2 * latency < tier.load_s[:, l + 1, None]
     used = -np.expm1(near.T.astype(np.float64) @ miss)  # [servers, experts] P(the batch uses e there)
-    held = tier.held[:, l + 1].any(axis=0)
+    # a copy helps where the tokens can reach it: anywhere the scheduler sends them, else only at the server
+    held = tier.held[:, l + 1].any(axis=0) if latency is not None else np.zeros(e_n, bool)
     count = np.zeros(s_n, np.int64)
     candidates = tier.stored[:, l + 1] & np.isfinite(tier.load_s[:, l + 1, None]) & (used > 0)
     while True:
@@ -292,7 +293,7 @@ def _prefetch(tier: _Tier, predictor: NextLayerPredictor, budget: int, home_of_t
         if not len(open_):
             return
         s = int(open_[np.argmin(np.maximum(tier.free[open_], now))])
-        choice = np.where(candidates[s] & ~held, used[s], -1.0)
+        choice = np.where(candidates[s] & ~held & ~tier.held[s, l + 1], used[s], -1.0)
         e = int(np.argmax(choice))
         p, load_s = choice[e], tier.load_s[s, l + 1]
         before = min(max(horizon - max(tier.free[s], now), 0.0), load_s)

@@ -270,14 +270,21 @@ def check_feasible(problem: PlacementProblem) -> None:
 
 def check_offload(problem: PlacementProblem) -> None:
     """Raise InfeasibleError unless every expert can be pinned on some GPU or held in some slow tier
-    `min_replicas` times, and some server has a slow tier and GPU memory for one expert to load into."""
+    `min_replicas` times, every server has a slow tier, and some has GPU memory for one expert to load into."""
     s, l, e = problem.shape
     if problem.layout is not None:
         raise InfeasibleError("the cluster's [layout] asks for every slot pinned, but its GPUs cannot hold the "
                               "model, so experts must load from the slow tiers: drop the [layout] table, or give "
                               "the GPUs memory for every expert")
     biggest = int(problem.layer_bytes.max())
-    can_load = np.isfinite(problem.offload.load_seconds).all(axis=1) & (problem.budget >= biggest)
+    tier = np.isfinite(problem.offload.load_seconds).all(axis=1)
+    if not tier.all():
+        # a server without one could serve its own tokens only from pins: not planned (yet)
+        names = ", ".join(n for n, t in zip(problem.server_names, tier) if not t)
+        raise InfeasibleError(f"the GPUs cannot hold the model and {names} ha{'s' if (~tier).sum() == 1 else 've'} no "
+                              f"slow tier: give every server `load_gbps` (and `load_latency_ms`), or the GPUs memory "
+                              f"for every expert")
+    can_load = tier & (problem.budget >= biggest)
     if not can_load.any():
         raise InfeasibleError(f"no server with a slow tier has GPU memory for one expert "
                               f"({human_bytes(biggest)}) to load into: raise memory_gib of a server with `load_gbps`")

@@ -82,7 +82,10 @@ def convergence(trace: Trace | str | Path, cluster: ClusterSpec | str | Path, *,
         top_k, "`top_k`", low=1, high=trace.meta.num_experts, fix="count that many of each layer's experts",
         parameters=("top_k",))
     draws = request_draws(trace, seed)
-    requests = trace.origin.astype(np.int64) * (int(trace.request.max()) + 1) + trace.request  # one id per request
+    # one id per (origin, request): any int64 request ids, no arithmetic that could overflow
+    _, requests = np.unique(np.stack([trace.origin.astype(np.int64), trace.request], axis=1), axis=0,
+                            return_inverse=True)
+    requests = requests.ravel()
     full_tables = build_tables([trace], pairs=False)
     full_problem = build_problem(full_tables, cluster)
     full_plan = solve_problem(full_problem, "exact", objective="coverage", time_limit=time_limit, seed=seed)

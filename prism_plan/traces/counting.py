@@ -20,6 +20,8 @@ try:  # optional: a compiled kernel where numpy's bincounts cannot reach memory 
 except ImportError:  # pragma: no cover - exercised where numba is not installed
     numba = None
 
+# The activations-only kernel gives each thread a copy of freq: above this, it splits the layers instead.
+FREQ_PARTS_BYTES = 64 << 20
 # What a bad batch holds, as the kernel reports it.
 OUT_OF_RANGE, REPEATED = 1, 2
 
@@ -130,6 +132,29 @@ def _numpy_counts(origin: np.ndarray, experts: np.ndarray, num_experts: int, fre
     return bad
 
 
+def _check_arrays(origin: np.ndarray, experts: np.ndarray, num_experts: int, freq: np.ndarray,
+                  coact: np.ndarray | None, trans: np.ndarray | None) -> None:
+    """PrismErrors for arrays that do not fit together: the kernels index without bounds checks."""
+    if experts.ndim != 3 or origin.shape != experts.shape[:1]:
+        raise PrismError(f"`experts` must be [tokens, layers, top_k] and `origin` [tokens], got {list(experts.shape)} "
+                         f"and {list(origin.shape)}", parameters=("experts", "origin"))
+    n, layers, _ = experts.shape
+    want = {"freq": (freq, (freq.shape[0], layers, num_experts))}
+    if (coact is None) != (trans is None):
+        raise PrismError("`coact` and `trans` are counted together: pass both or neither",
+                         parameters=("coact", "trans"))
+    if coact is not None:
+        want.update(coact=(coact, (layers, num_experts, num_experts)),
+                    trans=(trans, (max(layers - 1, 0), num_experts, num_experts)))
+    for name, (array, shape) in want.items():
+        if array.shape != shape or array.dtype != np.int64 or not array.flags.c_contiguous:
+            raise PrismError(f"`{name}` must be a C-contiguous int64 array of shape {list(shape)}, got "
+                             f"{array.dtype} {list(array.shape)}", parameters=(name,))
+    if n and (origin.min() < 0 or origin.max() >= freq.shape[0]):
+        raise PrismError(f"`origin` holds {origin.min()}..{origin.max()}, outside the {freq.shape[0]} origins of "
+                         f"`freq`", parameters=("origin",))
+
+
 def count_batch(origin: np.ndarray, experts: np.ndarray, num_experts: int, freq: np.ndarray,
                 coact: np.ndarray | None = None, trans: np.ndarray | None = None, *, where: str = "the trace",
                 first_row: int = 0, use_numba: bool | None = None) -> None:
@@ -143,12 +168,17 @@ def count_batch(origin: np.ndarray, experts: np.ndarray, num_experts: int, freq:
     """
     experts = np.ascontiguousarray(experts)
     origin = np.ascontiguousarray(origin, dtype=np.int64)
+    _check_arrays(origin, experts, num_experts, freq, coact, trans)
     fast = (numba is not None) if use_numba is None else use_numba
     if fast and numba is None:
         raise PrismError("counting with numba needs it installed: pip install 'prism-plan[fast]'",
                          parameters=("use_numba",))
-    if fast and coact is None:
-        bad = _freq_kernel(origin, experts, freq, max(1, min(numba.get_num_threads(), len(origin))))
+    chunks = max(1, min(numba.get_num_threads(), len(origin))) if fast else 1
+    if fast and coact is None and chunks * freq.nbytes <= FREQ_PARTS_BYTES:
+        bad = _freq_kernel(origin, experts, freq, chunks)
+    elif fast and coact is None:  # many origins: split the layers instead, no copies of freq
+        dummy = np.zeros((1, 1, 1), np.int64)
+        bad = _kernel(origin, experts, freq, dummy, dummy, False)
     elif fast:
         dummy = np.zeros((1, 1, 1), np.int64)
         bad = _kernel(origin, experts, freq, coact, trans if trans.size else dummy, True)

@@ -12,6 +12,7 @@ import json
 import queue
 import threading
 import zipfile
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
@@ -187,17 +188,18 @@ def _meta(text: str, path: Path) -> dict:
 
 
 def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | None = None, *,
-                 where: str | None = None) -> ActivationTables:
+                 where: str | None = None, first_row: int = 0) -> ActivationTables:
     """Accumulate ActivationTables over trace batches (one pass; memory independent of trace length).
 
     pairs: also count co-activation and cross-layer transitions (the costly part; `counting.count_batch`);
-    where: the file the batches come from, named with the row of a bad id (default the trace's source).
+    where, first_row: the file the batches come from and the row of its first token, named with the row of a
+    bad id (default the trace's source, 0).
     """
     freq = tokens = coact = trans = None
     origins: tuple[str, ...] = ()
     meta = None
     seen: list[np.ndarray] = []  # per batch, its distinct (origin, request) pairs
-    first = 0
+    first = first_row
     for t in batches:
         if meta is None:
             meta = t.meta
@@ -219,7 +221,7 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
                     where=where or meta.source or "the trace", first_row=first)
         first += t.num_tokens
         tokens += np.bincount(t.origin, minlength=len(origins))
-        seen.append(_request_runs(t.origin, t.request))
+        seen.append(np.unique(_request_runs(t.origin, t.request), axis=0))
     if meta is None:
         raise PrismError("the trace holds no tokens; tables need at least one")
     if pairs:  # only pairs above the diagonal were counted; mirror them and put activation counts on it
@@ -235,8 +237,8 @@ def build_tables(batches: Iterable[Trace], pairs: bool = True, window: dict | No
 
 
 def _request_runs(origin: np.ndarray, request: np.ndarray) -> np.ndarray:
-    """[runs, 2] (origin, request) at the start of every run of rows of one request: the distinct requests of a
-    batch in far fewer rows than it has tokens (np.unique over them comes at the end)."""
+    """[runs, 2] (origin, request) at the start of every run of rows of one request: the batch's requests in far
+    fewer rows than it has tokens where requests come in runs (prefill), for np.unique to finish cheaply."""
     start = np.ones(len(origin), bool)
     start[1:] = (origin[1:] != origin[:-1]) | (request[1:] != request[:-1])
     return np.stack([origin[start].astype(np.int64), request[start]], axis=1)
@@ -270,9 +272,9 @@ def tables_from_trace(path: str | Path, pairs: bool = True, quiet: bool = True) 
     if not open_trace(path)[0].metadata.num_rows:
         raise PrismError(f"{path} holds no tokens; tables need at least one")
     # count_batch checks that each token's ids are distinct as it counts: the reader need not
-    batches = read_ahead(iter_trace(path, BATCH_ROWS, distinct=False))
-    return build_tables(track(batches, f"counting activations in {Path(path).name}", quiet=quiet), pairs=pairs,
-                        where=str(path))
+    with closing(read_ahead(iter_trace(path, BATCH_ROWS, distinct=False))) as batches:  # the reader stops too
+        return build_tables(track(batches, f"counting activations in {Path(path).name}", quiet=quiet),
+                            pairs=pairs, where=str(path))
 
 
 def read_ahead(batches: Iterator[T], depth: int = 1) -> Iterator[T]:
@@ -283,21 +285,25 @@ def read_ahead(batches: Iterator[T], depth: int = 1) -> Iterator[T]:
     stop = threading.Event()
     done = object()
 
+    def hand_over(item) -> bool:
+        """Put `item` in the box unless the consumer has stopped; whether it went in."""
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for b in batches:
-                while not stop.is_set():
-                    try:
-                        box.put((b, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over((b, None)):
                     return
         except BaseException as e:  # handed over, raised in the consumer
-            box.put((done, e))
+            hand_over((done, e))
             return
-        box.put((done, None))
+        hand_over((done, None))
 
     reader = threading.Thread(target=produce, name="prism-plan-read-ahead", daemon=True)
     reader.start()

@@ -75,7 +75,7 @@ def window_tables(path: str | Path, size: int, unit: str = "tokens", pairs: bool
     stream = track(iter_trace(path, distinct=False), f"counting activations in windows of {size} {unit}", quiet=quiet)
     for i, w in enumerate(iter_windows(stream, size, unit)):
         yield build_tables([w], pairs=pairs, window={"index": i, "unit": unit, "size": size, "first_token": first,
-                                                    "tokens": w.num_tokens})
+                                                    "tokens": w.num_tokens}, where=str(path), first_row=first)
         first += w.num_tokens
 
 
