@@ -21,7 +21,6 @@ Nothing here writes temporary files: the workers send their tables back to the c
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import multiprocessing
 import os
@@ -37,12 +36,12 @@ import numpy as np
 import pyarrow as pa
 
 from prism_plan.errors import MissingInputError, PrismError
-from prism_plan.fileio import MANIFEST, atomic_path, check_distinct, write_text_atomic
+from prism_plan.fileio import check_distinct
 from prism_plan.placement.checks import integer
 from prism_plan.progress import track
 from prism_plan.traces.tables import ActivationTables, build_tables, tables_from_trace
 from prism_plan.traces.trace import Trace, iter_trace
-from prism_plan.traces.windows import MAX_WINDOW, UNITS, iter_windows, write_tables
+from prism_plan.traces.windows import MAX_WINDOW, UNITS, save_windows, tables_of_windows, write_tables
 
 ENGINES = ("local", "dask")
 GLOB_CHARS = set("*?[")
@@ -173,7 +172,7 @@ def _file_tables(path: Path, pairs: bool, fraction: float | None, max_tokens: in
     try:
         if fraction is None and max_tokens is None:
             return tables_from_trace(path, pairs=pairs)
-        return build_tables(_batches(path, fraction, max_tokens), pairs=pairs)
+        return build_tables(_batches(path, fraction, max_tokens), pairs=pairs, where=str(path))
     except PrismError as e:
         raise _named(path, e)
 
@@ -181,12 +180,8 @@ def _file_tables(path: Path, pairs: bool, fraction: float | None, max_tokens: in
 def _file_windows(path: Path, size: int, unit: str, pairs: bool, fraction: float | None,
                   max_tokens: int | None) -> list[ActivationTables]:
     """The tables of each window of one trace file, in row order (a worker's task)."""
-    out, first = [], 0
     try:
-        for i, w in enumerate(iter_windows(_batches(path, fraction, max_tokens), size, unit)):
-            out.append(build_tables([w], pairs=pairs, window={"index": i, "unit": unit, "size": size,
-                                                              "first_token": first, "tokens": w.num_tokens}))
-            first += w.num_tokens
+        out = list(tables_of_windows(_batches(path, fraction, max_tokens), size, unit, pairs, where=str(path)))
     except PrismError as e:
         raise _named(path, e)
     if not out:
@@ -412,9 +407,6 @@ def write_tables_of_files(paths: str | Path | Sequence[str | Path], out: str | P
     windows.write_tables itself."""
     files = expand_inputs(paths)
     check_distinct(files, [out])
-    if window is not None:
-        integer(window, "`window`", low=1, high=MAX_WINDOW, fix=f"give a number of {unit} per window",
-                parameters=("window",))
     if len(files) == 1 and engine == "local" and fraction is None and max_tokens is None:
         return write_tables(files[0], out, window=window, unit=unit, pairs=pairs, quiet=quiet)
     options = {"pairs": pairs, "workers": workers, "engine": engine, "scheduler": scheduler, "fraction": fraction,
@@ -423,16 +415,5 @@ def write_tables_of_files(paths: str | Path | Sequence[str | Path], out: str | P
         tables = tables_of_files(files, **options)
         tables.save(out)
         return [(Path(out), tables)]
-    windows = window_tables_of_files(files, window, unit, **options)
-    out_dir = Path(out)
-    written = []
-    # one output, as in windows.write_tables: the folder replaces `out` whole once every window is written
-    with atomic_path(out_dir, folder=True, inputs=files) as tmp_dir:
-        for tables in windows:
-            name = f"window-{tables.meta['window']['index']:04d}.npz"
-            tables.save(tmp_dir / name)
-            written.append((out_dir / name, tables))
-        manifest = {"format": "prism-plan/windows", "version": 1, "trace": [str(f) for f in files], "unit": unit,
-                    "size": window, "windows": [p.name for p, _ in written]}
-        write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
-    return written
+    return save_windows(window_tables_of_files(files, window, unit, **options), out, unit=unit, size=window,
+                        inputs=files, trace=[str(f) for f in files])

@@ -71,11 +71,17 @@ def window_tables(path: str | Path, size: int, unit: str = "tokens", pairs: bool
                   quiet: bool = True) -> Iterator[ActivationTables]:
     """ActivationTables of each window of a trace file, in order; each carries meta["window"] with its index,
     unit, size, first token (0-based row) and token count."""
-    first = 0
     stream = track(iter_trace(path, distinct=False), f"counting activations in windows of {size} {unit}", quiet=quiet)
-    for i, w in enumerate(iter_windows(stream, size, unit)):
+    return tables_of_windows(stream, size, unit, pairs, where=str(path))
+
+
+def tables_of_windows(batches: Iterable[Trace], size: int, unit: str, pairs: bool,
+                      where: str) -> Iterator[ActivationTables]:
+    """window_tables of trace batches (from the file `where`, named with the row of a bad id)."""
+    first = 0
+    for i, w in enumerate(iter_windows(batches, size, unit)):
         yield build_tables([w], pairs=pairs, window={"index": i, "unit": unit, "size": size, "first_token": first,
-                                                    "tokens": w.num_tokens}, where=str(path), first_row=first)
+                                                    "tokens": w.num_tokens}, where=where, first_row=first)
         first += w.num_tokens
 
 
@@ -91,16 +97,24 @@ def write_tables(path: str | Path, out: str | Path, *, window: int | None = None
         tables = tables_from_trace(path, pairs=pairs, quiet=quiet)
         tables.save(out)
         return [(Path(out), tables)]
+    return save_windows(window_tables(path, window, unit, pairs=pairs, quiet=quiet), out, unit=unit, size=window,
+                        inputs=[Path(path)], trace=str(path))
+
+
+def save_windows(windows: Iterable[ActivationTables], out: str | Path, *, unit: str, size: int,
+                 inputs: list[Path], trace: str | list[str]) -> list[tuple[Path, ActivationTables]]:
+    """Write `windows` to the folder `out` as window-0000.npz, ... beside manifest.json (naming `trace`, the
+    input or inputs); returns (path, tables) of each file written."""
     out_dir = Path(out)
     written = []
     # The window set is one output: a temporary folder with a manifest of its windows replaces `out` whole
     # (so no window of an earlier run survives beside the new ones), and only once every window is written.
-    with atomic_path(out_dir, folder=True, inputs=[path]) as tmp_dir:
-        for tables in window_tables(path, window, unit, pairs=pairs, quiet=quiet):
+    with atomic_path(out_dir, folder=True, inputs=inputs) as tmp_dir:
+        for tables in windows:
             name = f"window-{tables.meta['window']['index']:04d}.npz"
             tables.save(tmp_dir / name)
             written.append((out_dir / name, tables))
-        manifest = {"format": "prism-plan/windows", "version": 1, "trace": str(path), "unit": unit, "size": window,
+        manifest = {"format": "prism-plan/windows", "version": 1, "trace": trace, "unit": unit, "size": size,
                     "windows": [p.name for p, _ in written]}
         write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
     return written
