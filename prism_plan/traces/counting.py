@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from prism_plan.errors import PrismError
+from prism_plan.traces.trace import routing_ids
 
 try:  # optional: a compiled kernel where numpy's bincounts cannot reach memory speed
     import numba
@@ -22,34 +23,29 @@ except ImportError:  # pragma: no cover - exercised where numba is not installed
 
 # The activations-only kernel gives each thread a copy of freq: above this, it splits the layers instead.
 FREQ_PARTS_BYTES = 64 << 20
-# What a bad batch holds, as the kernel reports it.
-OUT_OF_RANGE, REPEATED = 1, 2
 
 
 def _count_layers(origin, experts, freq, coact, trans, pairs):  # pragma: no cover - compiled
     """Kernel: experts [tokens, layers, k] int16, origin [tokens] int64; adds to freq [origins, layers, E],
-    coact [layers, E, E] (slot i < slot j only) and trans [layers - 1, E, E], int64, and returns [layers, 2]:
-    per layer the first bad token (or -1) and what is wrong with it. The layers split over the cores, each
+    coact [layers, E, E] (slot i < slot j only) and trans [layers - 1, E, E], int64, and returns [layers]: per
+    layer the first token with an id out of range or repeated (or -1). The layers split over the cores, each
     thread alone with its layer's tables; a stamp per expert (the last token that used it) finds a repeat in
     one look per id, and a bad id is never counted (nor is anything after it in its layer)."""
     n, n_l, k = experts.shape
     e = freq.shape[2]
-    bad = np.full((n_l, 2), -1, np.int64)
+    bad = np.full(n_l, -1, np.int64)
     for l in numba.prange(n_l):
         stamp = np.full(e, -1, np.int64)
         for t in range(n):
             o = origin[t]
             for i in range(k):
                 a = experts[t, l, i]
-                if a < 0 or a >= e:
-                    bad[l, 0], bad[l, 1] = t, OUT_OF_RANGE
-                    break
-                if stamp[a] == t:
-                    bad[l, 0], bad[l, 1] = t, REPEATED
+                if a < 0 or a >= e or stamp[a] == t:
+                    bad[l] = t
                     break
                 stamp[a] = t
                 freq[o, l, a] += 1
-            if bad[l, 0] >= 0:
+            if bad[l] >= 0:
                 break
             if pairs:
                 last = l + 1 < n_l
@@ -67,10 +63,10 @@ def _count_layers(origin, experts, freq, coact, trans, pairs):  # pragma: no cov
 
 def _count_freq(origin, experts, freq, chunks):  # pragma: no cover - compiled
     """Kernel for activations alone: the tokens split into `chunks` runs over the cores, each run reading its
-    tokens' rows front to back into its own freq; returns [layers, 2] as _count_layers."""
+    tokens' rows front to back into its own freq; returns [chunks]: per run its first bad token (or -1)."""
     n, n_l, k = experts.shape
     e = freq.shape[2]
-    bad = np.full((chunks, 3), -1, np.int64)  # per chunk: token, layer, what
+    bad = np.full(chunks, -1, np.int64)
     part = np.zeros((chunks,) + freq.shape, np.int64)
     for c in numba.prange(chunks):
         stamp = np.full((n_l, e), -1, np.int64)
@@ -81,22 +77,17 @@ def _count_freq(origin, experts, freq, chunks):  # pragma: no cover - compiled
                 for i in range(k):
                     a = experts[t, l, i]
                     if a < 0 or a >= e or stamp[l, a] == t:
-                        bad[c, 0], bad[c, 1] = t, l
-                        bad[c, 2] = OUT_OF_RANGE if a < 0 or a >= e else REPEATED
+                        bad[c] = t
                         break
                     stamp[l, a] = t
                     mine[o, l, a] += 1
-                if bad[c, 0] >= 0:
+                if bad[c] >= 0:
                     break
-            if bad[c, 0] >= 0:
+            if bad[c] >= 0:
                 break
     for c in range(chunks):
         freq += part[c]
-    out = np.full((n_l, 2), -1, np.int64)
-    for c in range(chunks):
-        if bad[c, 0] >= 0 and (out[bad[c, 1], 0] < 0 or bad[c, 0] < out[bad[c, 1], 0]):
-            out[bad[c, 1], 0], out[bad[c, 1], 1] = bad[c, 0], bad[c, 2]
-    return out
+    return bad
 
 
 _jit = (lambda f: f) if numba is None else numba.njit(parallel=True, cache=True, nogil=True)
@@ -104,32 +95,20 @@ _kernel, _freq_kernel = _jit(_count_layers), _jit(_count_freq)
 
 
 def _numpy_counts(origin: np.ndarray, experts: np.ndarray, num_experts: int, freq: np.ndarray,
-                  coact: np.ndarray | None, trans: np.ndarray | None) -> np.ndarray:
-    """The kernel's counts and checks with numpy, layer by layer: experts [layers, tokens, k]; returns [layers, 2]
-    as the kernel does (nothing counted when a layer is bad)."""
+                  coact: np.ndarray | None, trans: np.ndarray | None) -> None:
+    """The kernels' counts with numpy, one bincount per layer and table, of checked ids [layers, tokens, k]."""
     n_l, n, k = experts.shape
     e, o_n = num_experts, freq.shape[0]
-    bad = np.full((n_l, 2), -1, np.int64)
     iu, ju = np.triu_indices(k, 1)
-    for l in range(n_l):
-        ids = experts[l].astype(np.int64)  # [tokens, k]
-        outside = ((ids < 0) | (ids >= e)).any(axis=1)
-        wrong = outside | (ids[:, iu] == ids[:, ju]).any(axis=1)
-        if wrong.any():
-            t = int(np.argmax(wrong))
-            bad[l] = t, OUT_OF_RANGE if outside[t] else REPEATED
-    if (bad[:, 0] >= 0).any():
-        return bad
     by_origin = origin[:, None] * e
     for l in range(n_l):
-        ids = experts[l].astype(np.int64)
+        ids = experts[l].astype(np.int64)  # [tokens, k]
         freq[:, l] += np.bincount((by_origin + ids).ravel(), minlength=o_n * e).reshape(o_n, e)
         if coact is not None:
             coact[l] += np.bincount((ids[:, iu] * e + ids[:, ju]).ravel(), minlength=e * e).reshape(e, e)
             if l + 1 < n_l:
                 pair = (ids[:, :, None] * e + experts[l + 1].astype(np.int64)[:, None, :]).ravel()
                 trans[l] += np.bincount(pair, minlength=e * e).reshape(e, e)
-    return bad
 
 
 def _check_arrays(origin: np.ndarray, experts: np.ndarray, num_experts: int, freq: np.ndarray,
@@ -173,28 +152,22 @@ def count_batch(origin: np.ndarray, experts: np.ndarray, num_experts: int, freq:
     if fast and numba is None:
         raise PrismError("counting with numba needs it installed: pip install 'prism-plan[fast]'",
                          parameters=("use_numba",))
-    chunks = max(1, min(numba.get_num_threads(), len(origin))) if fast else 1
-    if fast and coact is None and chunks * freq.nbytes <= FREQ_PARTS_BYTES:
+    fix = "re-import the trace with prism-plan"
+
+    def refuse() -> None:  # routing_ids names the first bad row, as a reader that checks would
+        routing_ids(experts, num_experts, where, fix, rows=lambda t: f" row {first_row + t}")
+
+    if not fast:
+        refuse()
+        _numpy_counts(origin, experts.transpose(1, 0, 2), num_experts, freq, coact, trans)
+        return
+    chunks = max(1, min(numba.get_num_threads(), len(origin)))
+    dummy = np.zeros((1, 1, 1), np.int64)
+    if coact is None and chunks * freq.nbytes <= FREQ_PARTS_BYTES:
         bad = _freq_kernel(origin, experts, freq, chunks)
-    elif fast and coact is None:  # many origins: split the layers instead, no copies of freq
-        dummy = np.zeros((1, 1, 1), np.int64)
+    elif coact is None:  # many origins: split the layers instead, no copies of freq
         bad = _kernel(origin, experts, freq, dummy, dummy, False)
-    elif fast:
-        dummy = np.zeros((1, 1, 1), np.int64)
-        bad = _kernel(origin, experts, freq, coact, trans if trans.size else dummy, True)
     else:
-        bad = _numpy_counts(origin, experts.transpose(1, 0, 2), num_experts, freq, coact, trans)
-    hit = bad[:, 0] >= 0
-    if hit.any():
-        t = int(bad[hit, 0].min())
-        what = int(bad[hit][bad[hit, 0] == t][0, 1])
-        row = experts[t]
-        if what == OUT_OF_RANGE:
-            value = row[(row < 0) | (row >= num_experts)][0]
-            msg = f"expert id {value} is outside 0..{num_experts - 1}"
-        else:
-            layer = next(l for l in range(row.shape[0]) if len(set(row[l].tolist())) < row.shape[1])
-            ids = np.sort(row[layer])
-            msg = f"expert {ids[1:][np.diff(ids) == 0][0]} appears twice among one token's top-{row.shape[1]} ids"
-        raise PrismError(f"{where} row {first_row + t}: {msg} (they must be distinct and within the model's "
-                         f"experts); re-import the trace with prism-plan")
+        bad = _kernel(origin, experts, freq, coact, trans if trans.size else dummy, True)
+    if (bad >= 0).any():
+        refuse()
