@@ -42,8 +42,8 @@ from prism_plan.fileio import write_text_atomic
 from prism_plan.placement.checks import integer
 from prism_plan.placement.offload import ExpertCache, Offload, lookup_order
 from prism_plan.placement.scheduling import schedule_groups
-from prism_plan.placement.workload import (CostModel, RequestTimes, Workload, fifo_finish, pair_records,
-                                          request_times)
+from prism_plan.placement.workload import (CostModel, RequestTimes, Workload, fifo_finish, messages,
+                                          pair_records, request_times)
 from prism_plan.progress import track
 from prism_plan.traces.prefetch import NextLayerPredictor
 
@@ -244,15 +244,7 @@ def _layer_time(origin: np.ndarray, experts: np.ndarray, n: np.ndarray, serve: n
     of one (step, layer). origin: [tokens]; experts: [tokens, top_k]; n, serve: [origins, experts];
     ready: [servers, experts] seconds until the weights are there."""
     o_n, s_n = serve.shape[0], len(costs.flops)
-    tok = np.arange(len(origin))
-    need = np.zeros((len(origin), s_n), bool)
-    need[tok[:, None], serve[origin[:, None], experts]] = True
-    need[tok, home[origin]] = False
-    trips = np.bincount((origin[:, None] * s_n + np.arange(s_n)).ravel(), weights=need.ravel(),
-                        minlength=o_n * s_n).reshape(o_n, s_n)
-    sent = trips > 0
-    arrive = np.where(sent, costs.latency[home] + trips * costs.token_bytes / costs.bandwidth[home], 0.0)
-    back = np.where(sent, costs.latency.T[home] + trips * costs.token_bytes / costs.bandwidth.T[home], 0.0)
+    trips, arrive, back = messages(origin, serve[origin[:, None], experts], home, costs)
     go, ge = np.nonzero(n)  # groups, origin-major as the simulator queues origins
     gs = serve[go, ge]
     release = np.maximum(arrive[go, gs], ready[gs, ge])

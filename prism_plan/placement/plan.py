@@ -37,9 +37,9 @@ class Plan:
 
     hosted: [servers, layers, experts] bool, the experts each server pins in GPU memory; routing: [origins,
     layers, experts] int, the server index that serves each origin's activations of each expert (from its
-    pinned copy, or, with an `offload` tier, loaded from its slow tier into its cache when it does not pin it). solver: name, status, objective, bound, gap: what two runs
-    with the same inputs and seed reproduce. timing: how long the steps took (solve_seconds), kept apart so that
-    such runs give plan files that differ only there.
+    pinned copy, or, with an `offload` tier, loaded from its slow tier into its cache when it does not pin it).
+    solver: name, status, objective, bound, gap: what two runs with the same inputs and seed reproduce. timing:
+    how long the steps took (solve_seconds), kept apart so that such runs give plan files that differ only there.
     """
 
     model: ModelSpec

@@ -30,7 +30,7 @@ from prism_plan.placement.cluster import ClusterSpec
 from prism_plan.placement.offload_replay import OffloadReplay, replay_offload
 from prism_plan.placement.plan import Plan
 from prism_plan.placement.workload import (CostModel, RequestTimes, Workload, check_concurrency,  # noqa: F401
-                                           fifo_finish, pair_records, prepare_workload, request_times)
+                                           fifo_finish, messages, pair_records, prepare_workload, request_times)
 from prism_plan.progress import track
 from prism_plan.traces.prefetch import NextLayerPredictor
 from prism_plan.traces.tables import ActivationTables
@@ -57,15 +57,7 @@ def replay_layer(w: Workload, serve: np.ndarray, costs: CostModel) -> LayerRepla
     t_n, o_n, s_n = w.num_steps, len(w.origins), len(costs.flops)
     cell = w.step * o_n + w.origin  # [tokens] index of the (step, origin) the token belongs to
     act = np.bincount((cell[:, None] * s_n + serve).ravel(), minlength=t_n * o_n * s_n).reshape(t_n, o_n, s_n)
-    need = np.zeros((len(cell), s_n), bool)
-    need[np.arange(len(cell))[:, None], serve] = True
-    need[np.arange(len(cell)), w.home[w.origin]] = False
-    trips = np.bincount((cell[:, None] * s_n + np.arange(s_n)).ravel(), weights=need.ravel(),
-                        minlength=t_n * o_n * s_n).reshape(t_n, o_n, s_n)
-    home = w.home
-    sent = trips > 0
-    arrive = np.where(sent, costs.latency[home] + trips * costs.token_bytes / costs.bandwidth[home], 0.0)
-    back = np.where(sent, costs.latency.T[home] + trips * costs.token_bytes / costs.bandwidth.T[home], 0.0)
+    trips, arrive, back = (a.reshape(t_n, o_n, s_n) for a in messages(cell, serve, np.tile(w.home, t_n), costs))
     work = act * (costs.expert_flops / costs.flops)
     finish = fifo_finish(arrive, work, axis=1)
     time_ = np.where(act > 0, finish + back, 0.0).max(axis=2, initial=0.0)

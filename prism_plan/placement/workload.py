@@ -131,6 +131,24 @@ def fifo_finish(release: np.ndarray, work: np.ndarray, axis: int) -> np.ndarray:
     return out
 
 
+def messages(cell: np.ndarray, serve: np.ndarray, home: np.ndarray, costs: CostModel) -> tuple[np.ndarray, ...]:
+    """(trips, arrive, back): [cells, servers] the tokens each cell (a batch of one origin) sends to each other
+    server, once however many of a token's experts sit there, and the seconds its message there and its
+    results' message back take (latency + trips * token_bytes / bandwidth; 0 where it sends nothing).
+    cell: [tokens] cell index; serve: [tokens, top_k] server of each activation; home: [cells] server."""
+    s_n = len(costs.flops)
+    tok = np.arange(len(cell))
+    need = np.zeros((len(cell), s_n), bool)
+    need[tok[:, None], serve] = True
+    need[tok, home[cell]] = False
+    trips = np.bincount((cell[:, None] * s_n + np.arange(s_n)).ravel(), weights=need.ravel(),
+                        minlength=len(home) * s_n).reshape(len(home), s_n)
+    sent = trips > 0
+    arrive = np.where(sent, costs.latency[home] + trips * costs.token_bytes / costs.bandwidth[home], 0.0)
+    back = np.where(sent, costs.latency.T[home] + trips * costs.token_bytes / costs.bandwidth.T[home], 0.0)
+    return trips, arrive, back
+
+
 def request_times(w: Workload, step_time: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ttft, tpot): [requests] seconds from step_time [steps, origins]: a request's time to first token is the
     time of its prefill step, its time per output token the mean over its decode steps (nan without any)."""
